@@ -1,0 +1,278 @@
+// Package http serves the coordinator's REST API and agent endpoints with Echo.
+package http
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
+
+	"github.com/distributedcompute/fleet"
+)
+
+// nethttpClient is used for calls to Clerk; it must never hang a request.
+var nethttpClient = http.Client{Timeout: 10 * time.Second}
+
+// Config is what the server needs; cmd/coordinator fills it from settings.
+type Config struct {
+	Nodes    fleet.NodeStore
+	Sessions fleet.SessionStore
+	// Fleet is the live view; nil shows every node offline.
+	Fleet    Fleet
+	Verifier *Verifier
+	Logger   *slog.Logger
+
+	MaxBodyBytes       int64   // 1 MiB
+	MaxPageSize        int     // 200
+	DefaultPageSize    int     // 50
+	RateLimitRPS       float64 // per user on authenticated routes, per IP on public ones
+	RateLimitBurst     int
+	RateLimitMaxKeys   int // buckets kept in memory
+	CORSAllowedOrigins []string
+	ReadHeaderTimeout  time.Duration
+	ReadTimeout        time.Duration
+	WriteTimeout       time.Duration
+	IdleTimeout        time.Duration
+
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// Fleet is the live view of connected nodes, as the REST layer needs it.
+type Fleet interface {
+	// Presence returns the live state of one node.
+	Presence(nodeID string) fleet.Presence
+	// Online returns the live state of every connected node.
+	Online() map[string]fleet.Presence
+	// Disconnect closes the node's live socket, if any, with code.
+	Disconnect(nodeID string, code int)
+}
+
+type offlineFleet struct{}
+
+func (offlineFleet) Presence(string) fleet.Presence    { return fleet.Presence{} }
+func (offlineFleet) Online() map[string]fleet.Presence { return nil }
+func (offlineFleet) Disconnect(string, int)            {}
+
+// Server is the coordinator's HTTP server.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	echo    *echo.Echo
+	http    *http.Server
+	closing atomic.Bool
+	openapi map[string]any
+}
+
+// NewServer builds the server and its routes.
+func NewServer(cfg Config) *Server {
+	if cfg.Fleet == nil {
+		cfg.Fleet = offlineFleet{}
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	setDefault(&cfg.MaxBodyBytes, 1<<20)
+	setDefault(&cfg.MaxPageSize, 200)
+	setDefault(&cfg.DefaultPageSize, 50)
+	setDefault(&cfg.RateLimitRPS, 20)
+	setDefault(&cfg.RateLimitBurst, 40)
+	setDefault(&cfg.RateLimitMaxKeys, 100_000)
+	setDefault(&cfg.ReadHeaderTimeout, 5*time.Second)
+	setDefault(&cfg.ReadTimeout, 15*time.Second)
+	setDefault(&cfg.WriteTimeout, 30*time.Second)
+	setDefault(&cfg.IdleTimeout, 120*time.Second)
+
+	s := &Server{cfg: cfg, log: cfg.Logger, openapi: openAPIDocument()}
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.HTTPErrorHandler = s.handleError
+	// The client's address is the peer's: X-Forwarded-For would let anyone
+	// pick their own rate-limit bucket.
+	e.IPExtractor = echo.ExtractIPDirect()
+	s.echo = e
+
+	e.Use(s.requestID, s.accessLog, s.recoverPanic)
+	e.Use(middleware.CORSWithConfig(middleware.CORSConfig{
+		AllowOrigins:  orNone(cfg.CORSAllowedOrigins),
+		AllowMethods:  []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete},
+		AllowHeaders:  []string{echo.HeaderAuthorization, echo.HeaderContentType, "Idempotency-Key"},
+		ExposeHeaders: []string{"RateLimit", "RateLimit-Policy", "Retry-After", echo.HeaderXRequestID},
+		MaxAge:        600,
+	}))
+	e.Use(s.limitBody)
+
+	s.routes()
+	s.http = &http.Server{
+		Handler:           e,
+		ReadHeaderTimeout: cfg.ReadHeaderTimeout,
+		ReadTimeout:       cfg.ReadTimeout,
+		WriteTimeout:      cfg.WriteTimeout,
+		IdleTimeout:       cfg.IdleTimeout,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelDebug),
+	}
+	return s
+}
+
+// orNone keeps Echo's CORS middleware from defaulting to "*" when no origin
+// is configured: nothing is allowed unless the operator says so.
+func orNone(origins []string) []string {
+	if len(origins) == 0 {
+		return []string{"null-origin-not-allowed.invalid"}
+	}
+	return origins
+}
+
+func (s *Server) routes() {
+	e := s.echo
+	public := newLimiter("per-ip", s.cfg.RateLimitRPS, s.cfg.RateLimitBurst, s.cfg.RateLimitMaxKeys).
+		middleware(func(c echo.Context) string { return "ip:" + c.RealIP() })
+	perUser := newLimiter("per-user", s.cfg.RateLimitRPS, s.cfg.RateLimitBurst, s.cfg.RateLimitMaxKeys).
+		middleware(func(c echo.Context) string { return "user:" + userID(c) })
+	auth := []echo.MiddlewareFunc{s.authenticate, perUser}
+
+	e.GET("/healthz", s.healthz)
+	e.GET("/readyz", s.readyz)
+	e.GET("/api/openapi.json", s.openAPI, public)
+
+	m := e.Group("/api/marketplace")
+	m.GET("/nodes", s.listNodes, public)
+	m.GET("/nodes/:id", s.getNode, public)
+	m.GET("/stats", s.stats, public)
+	m.POST("/nodes", s.createNode, auth...)
+	m.PUT("/nodes/:id", s.updateNode, auth...)
+	m.DELETE("/nodes/:id", s.deleteNode, auth...)
+	m.GET("/my-nodes", s.myNodes, auth...)
+	m.POST("/nodes/:id/api-key", s.rotateKey, auth...)
+	m.DELETE("/nodes/:id/api-key", s.revokeKey, auth...)
+}
+
+// Echo exposes the router so that other packages can mount endpoints.
+func (s *Server) Echo() *echo.Echo { return s.echo }
+
+// Serve serves on l until Shutdown; TLS when certFile and keyFile are set.
+func (s *Server) Serve(l net.Listener, certFile, keyFile string) error {
+	var err error
+	if certFile != "" {
+		err = s.http.ServeTLS(l, certFile, keyFile)
+	} else {
+		err = s.http.Serve(l)
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Shutdown marks the server not ready, then stops accepting and waits for
+// requests in flight until ctx ends.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.closing.Store(true)
+	return s.http.Shutdown(ctx)
+}
+
+func (s *Server) healthz(c echo.Context) error {
+	return ok(c, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (s *Server) readyz(c echo.Context) error {
+	if s.closing.Load() {
+		return c.JSON(http.StatusServiceUnavailable, envelope{Error: &errorBody{Code: "NOT_READY", Message: "Shutting down."}})
+	}
+	if _, err := s.cfg.Nodes.Node(c.Request().Context(), "readyz-probe"); err != nil && fleet.ErrorCode(err) != fleet.ENOTFOUND {
+		s.log.Error("readiness probe failed", "error", err)
+		return c.JSON(http.StatusServiceUnavailable, envelope{Error: &errorBody{Code: "NOT_READY", Message: "Store unavailable."}})
+	}
+	return ok(c, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+const ctxRequestID = "request_id"
+
+// requestID gives every request a fresh ID. A client-sent X-Request-ID is
+// not trusted: it would let callers forge log correlation.
+func (s *Server) requestID(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		id := hex.EncodeToString(b[:])
+		c.Set(ctxRequestID, id)
+		c.Response().Header().Set(echo.HeaderXRequestID, id)
+		return next(c)
+	}
+}
+
+func requestID(c echo.Context) string {
+	id, _ := c.Get(ctxRequestID).(string)
+	return id
+}
+
+// accessLog writes one line per request. It never logs headers or bodies,
+// so tokens and keys stay out of the logs.
+func (s *Server) accessLog(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		start := time.Now()
+		err := next(c)
+		if err != nil {
+			c.Error(err)
+		}
+		req := c.Request()
+		s.log.LogAttrs(req.Context(), slog.LevelInfo, "request",
+			slog.String("request_id", requestID(c)),
+			slog.String("method", req.Method),
+			slog.String("route", c.Path()),
+			slog.Int("status", c.Response().Status),
+			slog.Duration("duration", time.Since(start)),
+			slog.String("remote", c.RealIP()),
+			slog.String("user_id", userID(c)),
+		)
+		return nil
+	}
+}
+
+// recoverPanic turns a handler panic into a 500; nothing panics the process.
+func (s *Server) recoverPanic(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				if r == http.ErrAbortHandler {
+					panic(r)
+				}
+				s.log.Error("handler panic", "request_id", requestID(c), "panic", r)
+				err = errors.New("handler panic")
+			}
+		}()
+		return next(c)
+	}
+}
+
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
+}
+
+// limitBody refuses bodies over MaxBodyBytes: at once when Content-Length
+// says so, else when reading passes the limit (bind reports it as 413).
+func (s *Server) limitBody(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		req := c.Request()
+		if req.ContentLength > s.cfg.MaxBodyBytes {
+			return fleet.Errorf(fleet.ETOOLARGE, "Request body too large; the limit is %d bytes.", s.cfg.MaxBodyBytes)
+		}
+		req.Body = http.MaxBytesReader(c.Response(), req.Body, s.cfg.MaxBodyBytes)
+		return next(c)
+	}
+}

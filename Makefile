@@ -1,0 +1,38 @@
+# DistributedCompute fleet coordinator.
+SHELL := /bin/bash
+GO          ?= go
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+NODE_FIXTURE := test/socketio
+
+.PHONY: run build test lint bench fixtures
+
+## run: start the coordinator in dev mode with its bbolt store under ./data
+run:
+	AUTH_MODE=$${AUTH_MODE:-dev} $(GO) run ./cmd/coordinator serve
+
+## build: build the coordinator and agent binaries into ./bin
+build:
+	$(GO) build -o bin/coordinator ./cmd/coordinator
+	$(GO) build -o bin/agent ./cmd/agent
+
+## fixtures: install the Node.js test fixtures (socket.io-client) if missing
+fixtures:
+	@if [ -f $(NODE_FIXTURE)/package-lock.json ] && [ ! -d $(NODE_FIXTURE)/node_modules ]; then \
+		cd $(NODE_FIXTURE) && npm ci --no-audit --no-fund; fi
+
+## test: every test, with the race detector
+test: fixtures
+	$(GO) test -race -count=1 -v ./... 2>&1 | tee test.out | grep -E '^(=== RUN|--- (PASS|FAIL|SKIP)|PASS|FAIL|ok|panic|\s+\S+_test\.go:)' | grep -v '^=== RUN'; \
+		status=$${PIPESTATUS[0]}; \
+		echo "tests: $$(grep -cE -- '^ *--- PASS' test.out) passed, $$(grep -cE -- '^ *--- FAIL' test.out) failed, $$(grep -cE -- '^ *--- SKIP' test.out) skipped (tests and subtests)"; \
+		exit $$status
+
+## lint: gofmt, go vet, staticcheck
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+
+## bench: Go benchmarks
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...

@@ -93,3 +93,19 @@ type RentalStopped struct {
 // caller counts such frames and closes with ClosePolicyViolation past a
 // small tolerance.
 var ErrBadFrame = errors.New("bad frame")
+
+// Conn is one live agent connection, whatever its transport (the native
+// WebSocket or Socket.IO). The fleet's node actor owns it: one goroutine
+// reads, one writes, and Close may come from anywhere.
+type Conn interface {
+	// ReadFrame blocks for the next inbound frame. An error wrapping
+	// ErrBadFrame leaves the connection usable; any other error ends it.
+	ReadFrame() (Frame, error)
+	// WriteFrame writes one frame within the transport's write deadline.
+	WriteFrame(f Frame) error
+	// Close ends the connection, telling the agent code and reason where the
+	// transport can. It is idempotent.
+	Close(code int, reason string) error
+	// RemoteAddr is the agent's address, for logs.
+	RemoteAddr() string
+}

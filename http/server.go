@@ -14,6 +14,7 @@ import (
 
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/distributedcompute/fleet"
 )
@@ -35,7 +36,9 @@ type Config struct {
 	DefaultPageSize    int     // 50
 	RateLimitRPS       float64 // per user on authenticated routes, per IP on public ones
 	RateLimitBurst     int
-	RateLimitMaxKeys   int // buckets kept in memory
+	RateLimitMaxKeys   int           // buckets kept in memory
+	MaxFrameBytes      int           // agent frames (64 KiB)
+	WriteTimeoutWS     time.Duration // per agent frame written (10 s)
 	CORSAllowedOrigins []string
 	ReadHeaderTimeout  time.Duration
 	ReadTimeout        time.Duration
@@ -54,6 +57,8 @@ type Fleet interface {
 	Online() map[string]fleet.Presence
 	// Disconnect closes the node's live socket, if any, with code.
 	Disconnect(nodeID string, code int)
+	// Connect hands an authenticated agent connection to the fleet.
+	Connect(n *fleet.Node, keyHash []byte, c fleet.Conn)
 }
 
 type offlineFleet struct{}
@@ -61,6 +66,9 @@ type offlineFleet struct{}
 func (offlineFleet) Presence(string) fleet.Presence    { return fleet.Presence{} }
 func (offlineFleet) Online() map[string]fleet.Presence { return nil }
 func (offlineFleet) Disconnect(string, int)            {}
+func (offlineFleet) Connect(_ *fleet.Node, _ []byte, c fleet.Conn) {
+	_ = c.Close(fleet.CloseGoingAway, "no fleet")
+}
 
 // Server is the coordinator's HTTP server.
 type Server struct {
@@ -89,6 +97,8 @@ func NewServer(cfg Config) *Server {
 	setDefault(&cfg.RateLimitRPS, 20)
 	setDefault(&cfg.RateLimitBurst, 40)
 	setDefault(&cfg.RateLimitMaxKeys, 100_000)
+	setDefault(&cfg.MaxFrameBytes, 64<<10)
+	setDefault(&cfg.WriteTimeoutWS, 10*time.Second)
 	setDefault(&cfg.ReadHeaderTimeout, 5*time.Second)
 	setDefault(&cfg.ReadTimeout, 15*time.Second)
 	setDefault(&cfg.WriteTimeout, 30*time.Second)
@@ -144,6 +154,8 @@ func (s *Server) routes() {
 	auth := []echo.MiddlewareFunc{s.authenticate, perUser}
 
 	e.GET("/healthz", s.healthz)
+	e.GET("/metrics", echo.WrapHandler(promhttp.Handler()))
+	e.GET("/fleet", s.fleetSocket)
 	e.GET("/readyz", s.readyz)
 	e.GET("/api/openapi.json", s.openAPI, public)
 
@@ -175,6 +187,10 @@ func (s *Server) Serve(l net.Listener, certFile, keyFile string) error {
 	}
 	return err
 }
+
+// StopAccepting makes /readyz fail and refuses new agent connections, the
+// first step of a graceful shutdown.
+func (s *Server) StopAccepting() { s.closing.Store(true) }
 
 // Shutdown marks the server not ready, then stops accepting and waits for
 // requests in flight until ctx ends.

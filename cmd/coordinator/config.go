@@ -32,6 +32,10 @@ type config struct {
 	LogLevel        slog.Level
 	LogFormat       string
 	ShutdownTimeout time.Duration
+
+	HeartbeatDeadline    time.Duration
+	HeartbeatMinInterval time.Duration
+	MaxFrameBytes        int
 }
 
 // settingError names the setting at fault, so that start-up fails with one
@@ -129,6 +133,13 @@ func loadConfig(getenv func(string) string, serving bool) (*config, error) {
 		TLSKeyFile:      e.str("TLS_KEY_FILE", ""),
 		LogFormat:       e.str("LOG_FORMAT", "text"),
 		ShutdownTimeout: e.duration("SHUTDOWN_TIMEOUT", 10*time.Second, time.Second, 10*time.Minute),
+
+		HeartbeatDeadline:    e.duration("HEARTBEAT_DEADLINE", 5*time.Second, 500*time.Millisecond, 10*time.Minute),
+		HeartbeatMinInterval: e.duration("HEARTBEAT_MIN_INTERVAL", time.Second, 10*time.Millisecond, 10*time.Minute),
+		MaxFrameBytes:        int(e.integer("MAX_FRAME_BYTES", 64<<10, 1024, 1<<20)),
+	}
+	if c.HeartbeatMinInterval >= c.HeartbeatDeadline {
+		e.fail("HEARTBEAT_MIN_INTERVAL", "must be shorter than HEARTBEAT_DEADLINE")
 	}
 	if err := c.LogLevel.UnmarshalText([]byte(e.str("LOG_LEVEL", "info"))); err != nil {
 		e.fail("LOG_LEVEL", "must be debug, info, warn or error")

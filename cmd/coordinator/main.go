@@ -23,6 +23,7 @@ import (
 
 	"github.com/joho/godotenv"
 
+	"github.com/distributedcompute/fleet/actors"
 	fleethttp "github.com/distributedcompute/fleet/http"
 	"github.com/distributedcompute/fleet/persistence"
 )
@@ -133,6 +134,21 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 	}
 	defer store.Close()
 
+	// Sessions left open by a crash end at their last checkpoint.
+	if err := store.CloseOpenSessions(context.Background(), "coordinator restarted"); err != nil {
+		return fmt.Errorf("close sessions left open: %w", err)
+	}
+	system, err := actors.New(actors.Config{
+		Nodes:                store,
+		Sessions:             store,
+		HeartbeatDeadline:    cfg.HeartbeatDeadline,
+		HeartbeatMinInterval: cfg.HeartbeatMinInterval,
+		Logger:               log,
+	})
+	if err != nil {
+		return err
+	}
+
 	verifier := &fleethttp.Verifier{Issuer: cfg.ClerkIssuer, AuthorizedParties: cfg.ClerkParties, Leeway: 5 * time.Second}
 	if cfg.AuthMode == "dev" {
 		keys, err := fleethttp.LoadDevKeys(cfg.DataDir)
@@ -148,6 +164,8 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 	srv := fleethttp.NewServer(fleethttp.Config{
 		Nodes:              store,
 		Sessions:           store,
+		Fleet:              system,
+		MaxFrameBytes:      cfg.MaxFrameBytes,
 		Verifier:           verifier,
 		Logger:             log,
 		MaxBodyBytes:       cfg.MaxBodyBytes,
@@ -176,6 +194,12 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 	log.Info("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
+	// Refuse new agents first, then tell connected ones to go elsewhere
+	// (1001) and record their sessions, then drain the REST requests.
+	srv.StopAccepting()
+	if err := system.Shutdown(sctx); err != nil {
+		log.Warn("agents did not all disconnect in time", "error", err)
+	}
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("shutdown did not finish in time", "error", err)
 	}

@@ -1,0 +1,272 @@
+// Package actors is the coordinator's actor system: a fleet supervisor, one
+// actor per connected node that owns its socket, and a registry that holds
+// the live view the REST layer reads.
+package actors
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/asynkron/protoactor-go/actor"
+
+	"github.com/distributedcompute/fleet"
+)
+
+// Config is what the actor system needs. Zero durations and sizes take the
+// defaults noted.
+type Config struct {
+	Nodes    fleet.NodeStore
+	Sessions fleet.SessionStore
+	// HeartbeatDeadline closes a connection without a heartbeat for that
+	// long (5 s); HeartbeatMinInterval drops heartbeats closer together (1 s).
+	HeartbeatDeadline    time.Duration
+	HeartbeatMinInterval time.Duration
+	// CheckpointInterval is how often last-seen times of online nodes are
+	// written to the store (30 s).
+	CheckpointInterval time.Duration
+	// OutboundQueue bounds the frames waiting to be written to one agent (64).
+	OutboundQueue int
+	// MaxBadFrames malformed frames are tolerated per connection (3); the
+	// next closes it with 1008.
+	MaxBadFrames int
+	// MaxEarlyHeartbeats is how far too-early heartbeats may outnumber
+	// timely ones before the connection is closed with 1008 (10).
+	MaxEarlyHeartbeats int
+	// Member names this coordinator in the live view.
+	Member string
+	Logger *slog.Logger
+	Now    func() time.Time
+}
+
+func (c *Config) setDefaults() {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&c.HeartbeatDeadline, 5*time.Second)
+	def(&c.HeartbeatMinInterval, time.Second)
+	def(&c.CheckpointInterval, 30*time.Second)
+	if c.OutboundQueue <= 0 {
+		c.OutboundQueue = 64
+	}
+	if c.MaxBadFrames <= 0 {
+		c.MaxBadFrames = 3
+	}
+	if c.MaxEarlyHeartbeats <= 0 {
+		c.MaxEarlyHeartbeats = 10
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Member == "" {
+		c.Member = "local"
+	}
+}
+
+// System is the running actor system of one coordinator.
+type System struct {
+	cfg   *Config
+	sys   *actor.ActorSystem
+	fleet *actor.PID
+	view  *view
+}
+
+// New starts the actor system.
+func New(cfg Config) (*System, error) {
+	cfg.setDefaults()
+	if cfg.Nodes == nil || cfg.Sessions == nil {
+		return nil, errors.New("actors: Nodes and Sessions are required")
+	}
+	log := cfg.Logger
+	sys := actor.NewActorSystem(actor.WithLoggerFactory(func(*actor.ActorSystem) *slog.Logger {
+		return log.With("component", "protoactor")
+	}))
+	s := &System{cfg: &cfg, sys: sys, view: newView()}
+	props := actor.PropsFromProducer(func() actor.Actor {
+		return &fleetActor{cfg: s.cfg, view: s.view}
+	}, actor.WithSupervisor(supervision{log: log}))
+	pid, err := sys.Root.SpawnNamed(props, "fleet")
+	if err != nil {
+		return nil, err
+	}
+	s.fleet = pid
+	return s, nil
+}
+
+// Connect hands an authenticated agent connection to the fleet, which gives
+// it to the node's actor; a connection the node already had is replaced.
+func (s *System) Connect(n *fleet.Node, keyHash []byte, c fleet.Conn) {
+	s.sys.Root.Send(s.fleet, accept{node: n, keyHash: keyHash, conn: c})
+}
+
+// Disconnect closes the node's live connection, if any, with code.
+func (s *System) Disconnect(nodeID string, code int) {
+	s.sys.Root.Send(s.fleet, kick{nodeID: nodeID, code: code})
+}
+
+// Presence returns the node's live state.
+func (s *System) Presence(nodeID string) fleet.Presence {
+	p, _ := s.view.get(nodeID)
+	return p
+}
+
+// Online returns the live state of every connected node.
+func (s *System) Online() map[string]fleet.Presence {
+	all := s.view.all()
+	for id, p := range all {
+		if !p.Online {
+			delete(all, id)
+		}
+	}
+	return all
+}
+
+// Connected returns how many node actors are running.
+func (s *System) Connected() int {
+	res, err := s.sys.Root.RequestFuture(s.fleet, countNodes{}, 5*time.Second).Result()
+	if err != nil {
+		return -1
+	}
+	return res.(int)
+}
+
+type countNodes struct{}
+
+// Shutdown closes every agent connection with 1001 ("server shutting down";
+// agents reconnect, perhaps elsewhere), waits until their sessions are
+// recorded or ctx ends, then stops the actor system.
+func (s *System) Shutdown(ctx context.Context) error {
+	s.sys.Root.Send(s.fleet, kickAll{code: fleet.CloseGoingAway})
+	var err error
+	for {
+		if s.Connected() == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			err = ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+			continue
+		}
+		break
+	}
+	_ = s.sys.Root.StopFuture(s.fleet).Wait()
+	s.sys.Shutdown()
+	return err
+}
+
+// fleetActor is the supervisor: it spawns one node actor per accepted
+// connection, named by node ID, and the registry.
+type fleetActor struct {
+	cfg      *Config
+	view     *view
+	registry *actor.PID
+	nodes    map[string]*actor.PID // node ID -> its actor
+	ids      map[*actor.PID]string
+	pending  map[string]accept // a new connection waiting for the old actor to stop
+	draining bool
+}
+
+func (f *fleetActor) Receive(ctx actor.Context) {
+	switch m := ctx.Message().(type) {
+	case *actor.Started:
+		f.nodes, f.ids, f.pending = map[string]*actor.PID{}, map[*actor.PID]string{}, map[string]accept{}
+		reg, err := ctx.SpawnNamed(actor.PropsFromProducer(func() actor.Actor {
+			return &registry{cfg: f.cfg, view: f.view}
+		}), "registry")
+		if err != nil {
+			panic(err) // only if the name is taken, which cannot happen in a fresh fleet
+		}
+		f.registry = reg
+	case accept:
+		f.accept(ctx, m)
+	case kick:
+		if pid, ok := f.nodes[m.nodeID]; ok {
+			ctx.Send(pid, m)
+		}
+		if p, ok := f.pending[m.nodeID]; ok {
+			delete(f.pending, m.nodeID)
+			_ = p.conn.Close(m.code, fleet.CloseReason(m.code))
+		}
+	case kickAll:
+		f.draining = true
+		for _, pid := range f.nodes {
+			ctx.Send(pid, kick{code: m.code})
+		}
+		for id, p := range f.pending {
+			delete(f.pending, id)
+			_ = p.conn.Close(m.code, fleet.CloseReason(m.code))
+		}
+	case rebuild:
+		for _, pid := range f.nodes {
+			ctx.Send(pid, reportPresence{})
+		}
+	case countNodes:
+		ctx.Respond(len(f.nodes))
+	case *actor.Terminated:
+		id, ok := f.ids[m.Who]
+		if !ok {
+			return
+		}
+		delete(f.ids, m.Who)
+		delete(f.nodes, id)
+		if p, ok := f.pending[id]; ok {
+			delete(f.pending, id)
+			f.spawn(ctx, p)
+		}
+	}
+}
+
+func (f *fleetActor) accept(ctx actor.Context, a accept) {
+	if f.draining {
+		_ = a.conn.Close(fleet.CloseGoingAway, fleet.CloseReason(fleet.CloseGoingAway))
+		return
+	}
+	old, ok := f.nodes[a.node.ID]
+	if !ok {
+		f.spawn(ctx, a)
+		return
+	}
+	// One actor per node: the old one closes with 4009 and the new
+	// connection starts once its name is free.
+	if p, ok := f.pending[a.node.ID]; ok {
+		_ = p.conn.Close(fleet.CloseReplaced, fleet.CloseReason(fleet.CloseReplaced))
+	}
+	f.pending[a.node.ID] = a
+	ctx.Send(old, kick{nodeID: a.node.ID, code: fleet.CloseReplaced})
+}
+
+func (f *fleetActor) spawn(ctx actor.Context, a accept) {
+	props := actor.PropsFromProducer(func() actor.Actor {
+		return &nodeActor{cfg: f.cfg, node: a.node, keyHash: a.keyHash, conn: a.conn, registry: f.registry}
+	})
+	pid, err := ctx.SpawnNamed(props, a.node.ID)
+	if err != nil {
+		f.cfg.Logger.Error("spawning node actor failed", "node_id", a.node.ID, "error", err)
+		_ = a.conn.Close(fleet.CloseInternalError, fleet.CloseReason(fleet.CloseInternalError))
+		return
+	}
+	f.nodes[a.node.ID], f.ids[pid] = pid, a.node.ID
+}
+
+// supervision is the fleet's strategy: a node actor that fails is stopped
+// (its socket is closed and the agent reconnects); the registry is restarted
+// and rebuilds its view.
+type supervision struct{ log *slog.Logger }
+
+func (s supervision) HandleFailure(_ *actor.ActorSystem, sup actor.Supervisor, child *actor.PID, _ *actor.RestartStatistics, reason, _ any) {
+	if strings.HasSuffix(child.Id, "/registry") {
+		s.log.Error("registry failed; restarting it", "reason", reason)
+		sup.RestartChildren(child)
+		return
+	}
+	s.log.Error("node actor failed; closing its connection", "actor", child.Id, "reason", reason)
+	sup.StopChildren(child)
+}

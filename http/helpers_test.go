@@ -2,6 +2,7 @@ package http_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"io"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/distributedcompute/fleet/actors"
 	fleethttp "github.com/distributedcompute/fleet/http"
 	"github.com/distributedcompute/fleet/persistence"
 )
@@ -26,6 +28,8 @@ type envConfig struct {
 	maxBody int64
 	fleet   fleethttp.Fleet
 	logs    io.Writer
+	// actors, when set, runs the real actor system with these settings.
+	actors *actors.Config
 }
 
 // testEnv is the real Echo server on a real bbolt file, with the real Clerk
@@ -33,6 +37,7 @@ type envConfig struct {
 type testEnv struct {
 	clerk *fakeClerk
 	store *persistence.Store
+	fleet *actors.System
 	srv   *httptest.Server
 	dir   string
 }
@@ -51,6 +56,17 @@ func newTestEnv(t *testing.T, opts ...func(*envConfig)) *testEnv {
 	}
 	t.Cleanup(func() { store.Close() })
 	log := slog.New(slog.NewTextHandler(c.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	var system *actors.System
+	if c.actors != nil {
+		ac := *c.actors
+		ac.Nodes, ac.Sessions, ac.Logger = store, store, log
+		system, err = actors.New(ac)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = system.Shutdown(context.Background()) })
+		c.fleet = system
+	}
 	srv := fleethttp.NewServer(fleethttp.Config{
 		Nodes:    store,
 		Sessions: store,
@@ -68,7 +84,7 @@ func newTestEnv(t *testing.T, opts ...func(*envConfig)) *testEnv {
 	})
 	ts := httptest.NewServer(srv.Echo())
 	t.Cleanup(ts.Close)
-	return &testEnv{clerk: f, store: store, srv: ts, dir: dir}
+	return &testEnv{clerk: f, store: store, fleet: system, srv: ts, dir: dir}
 }
 
 type response struct {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/asynkron/protoactor-go/actor"
@@ -72,10 +73,11 @@ func (c *Config) setDefaults() {
 
 // System is the running actor system of one coordinator.
 type System struct {
-	cfg   *Config
-	sys   *actor.ActorSystem
-	fleet *actor.PID
-	view  *view
+	cfg      *Config
+	sys      *actor.ActorSystem
+	fleet    *actor.PID
+	view     *view
+	stopping atomic.Bool
 }
 
 // New starts the actor system.
@@ -143,10 +145,13 @@ type countNodes struct{}
 // agents reconnect, perhaps elsewhere), waits until their sessions are
 // recorded or ctx ends, then stops the actor system.
 func (s *System) Shutdown(ctx context.Context) error {
+	if !s.stopping.CompareAndSwap(false, true) {
+		return nil
+	}
 	s.sys.Root.Send(s.fleet, kickAll{code: fleet.CloseGoingAway})
 	var err error
 	for {
-		if s.Connected() == 0 {
+		if s.Connected() <= 0 {
 			break
 		}
 		select {

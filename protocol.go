@@ -74,16 +74,16 @@ type HeartbeatAck struct {
 	Accepted bool `json:"accepted"`
 }
 
-// RentalStarted is the data of the rental.started event.
-type RentalStarted struct {
+// RentalStartedEvent is the data of the rental.started event.
+type RentalStartedEvent struct {
 	RentalID  string    `json:"rental_id"`
 	RenterID  string    `json:"renter_id"`
 	StartedAt time.Time `json:"started_at"`
 	MaxHours  *float64  `json:"max_hours,omitempty"`
 }
 
-// RentalStopped is the data of the rental.stopped event.
-type RentalStopped struct {
+// RentalStoppedEvent is the data of the rental.stopped event.
+type RentalStoppedEvent struct {
 	RentalID string `json:"rental_id"`
 	Reason   string `json:"reason"`
 }

@@ -325,7 +325,7 @@ func (a *agent) handle(log *slog.Logger, f fleet.Frame, sent map[uint64]time.Tim
 		_ = json.Unmarshal(f.Data, &ack) // only logged
 		log.Debug("heartbeat acknowledged", "ack", *f.Ack, "latency", time.Since(t), "accepted", ack.Accepted)
 	case fleet.EventRentalStarted:
-		var r fleet.RentalStarted
+		var r fleet.RentalStartedEvent
 		if err := json.Unmarshal(f.Data, &r); err != nil {
 			log.Warn("malformed rental.started", "err", err)
 			return nil
@@ -337,7 +337,7 @@ func (a *agent) handle(log *slog.Logger, f fleet.Frame, sent map[uint64]time.Tim
 		log.Info("rental started", attrs...)
 		a.hooks.enqueue(f)
 	case fleet.EventRentalStopped:
-		var r fleet.RentalStopped
+		var r fleet.RentalStoppedEvent
 		if err := json.Unmarshal(f.Data, &r); err != nil {
 			log.Warn("malformed rental.stopped", "err", err)
 			return nil

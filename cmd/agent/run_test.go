@@ -297,7 +297,7 @@ func TestRunSession(t *testing.T) {
 	p.heartbeat()
 
 	maxHours := 1.5
-	started := fleet.RentalStarted{RentalID: "rental_1", RenterID: "user_2", StartedAt: time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC), MaxHours: &maxHours}
+	started := fleet.RentalStartedEvent{RentalID: "rental_1", RenterID: "user_2", StartedAt: time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC), MaxHours: &maxHours}
 	p.send(fleet.EventRentalStarted, started, nil)
 	eventually(t, "the rental hook's output", func() bool {
 		_, err := os.Stat(out)
@@ -309,7 +309,7 @@ func TestRunSession(t *testing.T) {
 	}
 	var got struct {
 		Event string              `json:"event"`
-		Data  fleet.RentalStarted `json:"data"`
+		Data  fleet.RentalStartedEvent `json:"data"`
 	}
 	if err := json.Unmarshal(raw, &got); err != nil {
 		t.Fatalf("hook stdin %q: %v", raw, err)

@@ -142,3 +142,55 @@ type RentalStore interface {
 	// PruneIdempotency deletes records created before cutoff.
 	PruneIdempotency(ctx context.Context, cutoff time.Time) error
 }
+
+// Pause closes the open interval at lastSeen (never before it opened): the
+// node stopped answering, and its last heartbeat is the last billable
+// instant.
+func (r *Rental) Pause(lastSeen time.Time) {
+	if r.Status != RentalActive {
+		return
+	}
+	r.closeInterval(lastSeen)
+	r.Status = RentalPaused
+}
+
+// Resume opens a new interval at t: the node is reachable again.
+func (r *Rental) Resume(t time.Time) {
+	if r.Status != RentalPaused {
+		return
+	}
+	r.Intervals = append(r.Intervals, Interval{Start: t})
+	r.Status = RentalActive
+}
+
+// End ends a live rental at t with status and reason; an open interval
+// closes at t.
+func (r *Rental) End(status, reason string, t time.Time) {
+	if !r.Live() {
+		return
+	}
+	r.closeInterval(t)
+	r.Status, r.EndReason = status, reason
+	end := t
+	r.EndedAt = &end
+}
+
+// CompletesAt is when an active rental reaches max_hours of billable time,
+// or zero if it never does (no max_hours, or not active).
+func (r *Rental) CompletesAt(now time.Time) time.Time {
+	max := r.MaxBillable()
+	if max <= 0 || r.Status != RentalActive {
+		return time.Time{}
+	}
+	return now.Add(max - r.Billable(now))
+}
+
+func (r *Rental) closeInterval(t time.Time) {
+	if n := len(r.Intervals); n > 0 && r.Intervals[n-1].End.IsZero() {
+		iv := &r.Intervals[n-1]
+		if t.Before(iv.Start) {
+			t = iv.Start
+		}
+		iv.End = t
+	}
+}

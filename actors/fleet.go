@@ -6,8 +6,10 @@ package actors
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -21,6 +23,10 @@ import (
 type Config struct {
 	Nodes    fleet.NodeStore
 	Sessions fleet.SessionStore
+	Rentals  fleet.RentalStore
+	// LostAfter ends a rental as interrupted when its node stays
+	// unreachable that long (2 min).
+	LostAfter time.Duration
 	// HeartbeatDeadline closes a connection without a heartbeat for that
 	// long (5 s); HeartbeatMinInterval drops heartbeats closer together (1 s).
 	HeartbeatDeadline    time.Duration
@@ -51,6 +57,7 @@ func (c *Config) setDefaults() {
 	def(&c.HeartbeatDeadline, 5*time.Second)
 	def(&c.HeartbeatMinInterval, time.Second)
 	def(&c.CheckpointInterval, 30*time.Second)
+	def(&c.LostAfter, 2*time.Minute)
 	if c.OutboundQueue <= 0 {
 		c.OutboundQueue = 64
 	}
@@ -76,29 +83,31 @@ type System struct {
 	cfg      *Config
 	sys      *actor.ActorSystem
 	fleet    *actor.PID
+	billing  *actor.PID
 	view     *view
+	rented   *sync.Map // node ID -> live rental ID, owned by the billing actor
 	stopping atomic.Bool
 }
 
 // New starts the actor system.
 func New(cfg Config) (*System, error) {
 	cfg.setDefaults()
-	if cfg.Nodes == nil || cfg.Sessions == nil {
-		return nil, errors.New("actors: Nodes and Sessions are required")
+	if cfg.Nodes == nil || cfg.Sessions == nil || cfg.Rentals == nil {
+		return nil, errors.New("actors: Nodes, Sessions and Rentals are required")
 	}
 	log := cfg.Logger
 	sys := actor.NewActorSystem(actor.WithLoggerFactory(func(*actor.ActorSystem) *slog.Logger {
 		return log.With("component", "protoactor")
 	}))
-	s := &System{cfg: &cfg, sys: sys, view: newView()}
+	s := &System{cfg: &cfg, sys: sys, view: newView(), rented: &sync.Map{}}
 	props := actor.PropsFromProducer(func() actor.Actor {
-		return &fleetActor{cfg: s.cfg, view: s.view}
+		return &fleetActor{cfg: s.cfg, view: s.view, rented: s.rented}
 	}, actor.WithSupervisor(supervision{log: log}))
 	pid, err := sys.Root.SpawnNamed(props, "fleet")
 	if err != nil {
 		return nil, err
 	}
-	s.fleet = pid
+	s.fleet, s.billing = pid, sys.NewLocalPID("fleet/billing")
 	return s, nil
 }
 
@@ -141,6 +150,45 @@ func (s *System) Connected() int {
 
 type countNodes struct{}
 
+// StartRental rents a node for renterID (see the billing actor for the
+// rules). replayed is true when idemKey named an earlier identical request.
+func (s *System) StartRental(ctx context.Context, renterID, nodeID string, maxHours *float64, idemKey string, bodyHash []byte) (r *fleet.Rental, replayed bool, err error) {
+	res, err := s.ask(ctx, startRental{renterID: renterID, nodeID: nodeID, maxHours: maxHours, idemKey: idemKey, bodyHash: bodyHash})
+	return res.rental, res.replayed, err
+}
+
+// StopRental stops a live rental on behalf of its renter or its node's owner.
+func (s *System) StopRental(ctx context.Context, userID, rentalID string) (*fleet.Rental, error) {
+	res, err := s.ask(ctx, stopRental{userID: userID, rentalID: rentalID})
+	return res.rental, err
+}
+
+// DeleteNode deletes an owner's node unless it has a live rental, and
+// closes its agent's connection.
+func (s *System) DeleteNode(ctx context.Context, userID, nodeID string) error {
+	_, err := s.ask(ctx, deleteNode{userID: userID, nodeID: nodeID})
+	return err
+}
+
+// Rented reports whether the node has a live rental.
+func (s *System) Rented(nodeID string) bool {
+	_, ok := s.rented.Load(nodeID)
+	return ok
+}
+
+func (s *System) ask(ctx context.Context, msg any) (billingResult, error) {
+	timeout := 15 * time.Second
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	res, err := s.sys.Root.RequestFuture(s.billing, msg, timeout).Result()
+	if err != nil {
+		return billingResult{}, fmt.Errorf("billing: %w", err)
+	}
+	br := res.(billingResult)
+	return br, br.err
+}
+
 // Shutdown closes every agent connection with 1001 ("server shutting down";
 // agents reconnect, perhaps elsewhere), waits until their sessions are
 // recorded or ctx ends, then stops the actor system.
@@ -173,6 +221,8 @@ type fleetActor struct {
 	cfg      *Config
 	view     *view
 	registry *actor.PID
+	billing  *actor.PID
+	rented   *sync.Map
 	nodes    map[string]*actor.PID // node ID -> its actor
 	ids      map[*actor.PID]string
 	pending  map[string]accept // a new connection waiting for the old actor to stop
@@ -183,13 +233,20 @@ func (f *fleetActor) Receive(ctx actor.Context) {
 	switch m := ctx.Message().(type) {
 	case *actor.Started:
 		f.nodes, f.ids, f.pending = map[string]*actor.PID{}, map[*actor.PID]string{}, map[string]accept{}
+		// Names are only taken in a fleet that already ran, which cannot be.
+		bill, err := ctx.SpawnNamed(actor.PropsFromProducer(func() actor.Actor {
+			return &billing{cfg: f.cfg, view: f.view, rented: f.rented}
+		}), "billing")
+		if err != nil {
+			panic(err)
+		}
 		reg, err := ctx.SpawnNamed(actor.PropsFromProducer(func() actor.Actor {
-			return &registry{cfg: f.cfg, view: f.view}
+			return &registry{cfg: f.cfg, view: f.view, billing: bill}
 		}), "registry")
 		if err != nil {
-			panic(err) // only if the name is taken, which cannot happen in a fresh fleet
+			panic(err)
 		}
-		f.registry = reg
+		f.registry, f.billing = reg, bill
 	case accept:
 		f.accept(ctx, m)
 	case kick:
@@ -212,6 +269,10 @@ func (f *fleetActor) Receive(ctx actor.Context) {
 	case rebuild:
 		for _, pid := range f.nodes {
 			ctx.Send(pid, reportPresence{})
+		}
+	case deliver:
+		if pid, ok := f.nodes[m.nodeID]; ok {
+			ctx.Send(pid, m)
 		}
 	case countNodes:
 		ctx.Respond(len(f.nodes))
@@ -262,13 +323,13 @@ func (f *fleetActor) spawn(ctx actor.Context, a accept) {
 }
 
 // supervision is the fleet's strategy: a node actor that fails is stopped
-// (its socket is closed and the agent reconnects); the registry is restarted
-// and rebuilds its view.
+// (its socket is closed and the agent reconnects); the registry and billing
+// are restarted and rebuild their state from the node actors and the store.
 type supervision struct{ log *slog.Logger }
 
 func (s supervision) HandleFailure(_ *actor.ActorSystem, sup actor.Supervisor, child *actor.PID, _ *actor.RestartStatistics, reason, _ any) {
-	if strings.HasSuffix(child.Id, "/registry") {
-		s.log.Error("registry failed; restarting it", "reason", reason)
+	if strings.HasSuffix(child.Id, "/registry") || strings.HasSuffix(child.Id, "/billing") {
+		s.log.Error("actor failed; restarting it", "actor", child.Id, "reason", reason)
 		sup.RestartChildren(child)
 		return
 	}

@@ -82,7 +82,7 @@ func newTestFleet(t *testing.T, cfg Config) *testFleet {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
-	cfg.Nodes, cfg.Sessions = store, store
+	cfg.Nodes, cfg.Sessions, cfg.Rentals = store, store, store
 	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	s, err := New(cfg)
 	if err != nil {

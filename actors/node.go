@@ -67,6 +67,8 @@ func (n *nodeActor) Receive(ctx actor.Context) {
 		n.checkDeadline(ctx)
 	case kick:
 		n.stop(ctx, m.code, fleet.CloseReason(m.code), nil)
+	case deliver:
+		n.send(ctx, m.event, nil, m.data)
 	case reportPresence:
 		ctx.Send(n.registry, nodeUp{nodeID: n.node.ID, pid: ctx.Self(), connectedSince: n.connectedSince,
 			lastSeen: n.lastSeen, metrics: n.metrics})

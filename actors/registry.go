@@ -15,11 +15,12 @@ import (
 // report to it; it writes the view the REST layer reads, and checkpoints
 // last-seen times to the store so that a crash loses little.
 type registry struct {
-	cfg   *Config
-	view  *view
-	pids  map[string]*actor.PID // node ID -> the node actor that owns it now
-	timer *time.Timer
-	busy  atomic.Bool // a checkpoint write is in flight
+	cfg     *Config
+	view    *view
+	billing *actor.PID
+	pids    map[string]*actor.PID // node ID -> the node actor that owns it now
+	timer   *time.Timer
+	busy    atomic.Bool // a checkpoint write is in flight
 }
 
 func (r *registry) Receive(ctx actor.Context) {
@@ -37,9 +38,13 @@ func (r *registry) Receive(ctx actor.Context) {
 			r.timer.Stop()
 		}
 	case nodeUp:
+		fresh := r.pids[m.nodeID] != m.pid
 		r.pids[m.nodeID] = m.pid
 		r.view.set(m.nodeID, fleet.Presence{Online: true, ConnectedSince: m.connectedSince,
 			LastSeenAt: m.lastSeen, Metrics: m.metrics, Member: r.cfg.Member})
+		if fresh { // billing resumes once the view shows the node online
+			ctx.Send(r.billing, nodeOnline{nodeID: m.nodeID, at: m.lastSeen})
+		}
 		connectedNodes.Set(float64(len(r.pids)))
 	case nodeSeen:
 		if r.pids[m.nodeID] != m.pid {
@@ -55,6 +60,7 @@ func (r *registry) Receive(ctx actor.Context) {
 		delete(r.pids, m.nodeID)
 		// The offline entry keeps last_seen_at exact until the store has it.
 		r.view.set(m.nodeID, fleet.Presence{LastSeenAt: m.lastSeen})
+		ctx.Send(r.billing, nodeOffline{nodeID: m.nodeID, lastSeen: m.lastSeen})
 		connectedNodes.Set(float64(len(r.pids)))
 	case forget:
 		if _, online := r.pids[m.nodeID]; !online {

@@ -172,7 +172,9 @@ func TestFrameAbuseClosesWith1008(t *testing.T) {
 		"bad metrics": func(a *agent) {
 			_ = a.ws.WriteJSON(map[string]any{"event": "heartbeat", "data": map[string]any{"cpu_percent": 900}})
 		},
-		"flooding": func(a *agent) { a.heartbeat(0) },
+		"flooding": func(a *agent) {
+			_ = a.ws.WriteJSON(map[string]any{"event": "heartbeat", "data": map[string]any{"cpu_percent": 1}})
+		},
 	}
 	for name, send := range abuse {
 		t.Run(name, func(t *testing.T) {

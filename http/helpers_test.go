@@ -59,7 +59,7 @@ func newTestEnv(t *testing.T, opts ...func(*envConfig)) *testEnv {
 	var system *actors.System
 	if c.actors != nil {
 		ac := *c.actors
-		ac.Nodes, ac.Sessions, ac.Logger = store, store, log
+		ac.Nodes, ac.Sessions, ac.Rentals, ac.Logger = store, store, store, log
 		system, err = actors.New(ac)
 		if err != nil {
 			t.Fatal(err)
@@ -67,10 +67,16 @@ func newTestEnv(t *testing.T, opts ...func(*envConfig)) *testEnv {
 		t.Cleanup(func() { _ = system.Shutdown(context.Background()) })
 		c.fleet = system
 	}
+	var billing fleethttp.Billing
+	if system != nil {
+		billing = system
+	}
 	srv := fleethttp.NewServer(fleethttp.Config{
 		Nodes:    store,
 		Sessions: store,
 		Fleet:    c.fleet,
+		Billing:  billing,
+		Rentals:  store,
 		Verifier: &fleethttp.Verifier{
 			Issuer:            testIssuer,
 			AuthorizedParties: c.parties,
@@ -95,6 +101,11 @@ type response struct {
 
 func (e *testEnv) do(t *testing.T, method, path, auth string, body any) *response {
 	t.Helper()
+	return e.doH(t, method, path, auth, body, nil)
+}
+
+func (e *testEnv) doH(t *testing.T, method, path, auth string, body any, headers map[string]string) *response {
+	t.Helper()
 	var r io.Reader
 	switch b := body.(type) {
 	case nil:
@@ -118,6 +129,9 @@ func (e *testEnv) do(t *testing.T, method, path, auth string, body any) *respons
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	for k, v := range headers {
+		req.Header.Set(k, v)
 	}
 	res, err := http.DefaultClient.Do(req)
 	if err != nil {

@@ -45,6 +45,9 @@ func (s *Server) view(n *fleet.Node, p fleet.Presence, private bool) *nodeView {
 	}
 	if p.Online {
 		v.Status = fleet.StatusOnline
+		if s.cfg.Billing != nil && s.cfg.Billing.Rented(n.ID) {
+			v.Status = fleet.StatusRented
+		}
 		v.LastSeenAt, v.ConnectedSince, v.Metrics = utc(p.LastSeenAt), utc(p.ConnectedSince), p.Metrics
 	} else if !p.LastSeenAt.IsZero() && (v.LastSeenAt == nil || p.LastSeenAt.After(*v.LastSeenAt)) {
 		v.LastSeenAt = utc(p.LastSeenAt)
@@ -368,10 +371,16 @@ func (s *Server) deleteNode(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := s.cfg.Nodes.DeleteNode(c.Request().Context(), n.ID); err != nil {
+	if s.cfg.Billing != nil {
+		// Billing checks for a live rental and deletes in one step, so no
+		// rental can start in between.
+		err = s.cfg.Billing.DeleteNode(c.Request().Context(), userID(c), n.ID)
+	} else if err = s.cfg.Nodes.DeleteNode(c.Request().Context(), n.ID); err == nil {
+		s.cfg.Fleet.Disconnect(n.ID, fleet.CloseKeyRevoked)
+	}
+	if err != nil {
 		return err
 	}
-	s.cfg.Fleet.Disconnect(n.ID, fleet.CloseKeyRevoked)
 	s.log.Info("node deleted", "node_id", n.ID, "user_id", n.OwnerID, "request_id", requestID(c))
 	return ok(c, http.StatusOK, map[string]any{"id": n.ID, "deleted": true})
 }

@@ -36,6 +36,12 @@ var operations = []operation{
 	{method: "GET", path: "/api/marketplace/my-nodes", summary: "The caller's nodes with private fields.", auth: true, answer: "NodeList", status: 200},
 	{method: "POST", path: "/api/marketplace/nodes/{id}/api-key", summary: "Rotate the host API key; the old key stops working at once.", auth: true, answer: "NodeWithKey", status: 200},
 	{method: "DELETE", path: "/api/marketplace/nodes/{id}/api-key", summary: "Revoke the host API key without replacement.", auth: true, answer: "Node", status: 200},
+	{method: "POST", path: "/api/billing/rentals", summary: "Rent an online node. Honours the Idempotency-Key header: a retry with the same key and body returns the same rental, a different body 409.", auth: true, body: "RentalInput", answer: "Rental", status: 201},
+	{method: "GET", path: "/api/billing/rentals", summary: "The caller's rentals, newest first: as renter, or as owner with role=owner.", auth: true, query: []string{"status", "role", "limit", "cursor"}, answer: "RentalList", status: 200},
+	{method: "GET", path: "/api/billing/rentals/{id}", summary: "One rental, for its renter or its node's owner.", auth: true, answer: "Rental", status: 200},
+	{method: "POST", path: "/api/billing/rentals/{id}/stop", summary: "Stop a live rental (renter or owner).", auth: true, answer: "Rental", status: 200},
+	{method: "GET", path: "/api/billing/earnings", summary: "Host earnings per node and in total.", auth: true, status: 200},
+	{method: "GET", path: "/api/billing/summary", summary: "Renter summary: live rentals, accrued and total spend.", auth: true, status: 200},
 }
 
 var schemas = map[string]any{
@@ -56,6 +62,14 @@ var schemas = map[string]any{
 		"api_key_prefix": map[string]any{"type": "string", "description": "Owner's views only."},
 	}),
 	"NodeList":    map[string]any{"type": "array", "items": ref("Node")},
+	"RentalInput": obj(map[string]any{"node_id": str(), "max_hours": map[string]any{"type": "number"}}),
+	"Rental": obj(map[string]any{
+		"id": str(), "node_id": str(), "renter_id": str(), "owner_id": str(), "price_per_hour_cents": integer(),
+		"status":     map[string]any{"type": "string", "enum": []string{"active", "paused", "stopped", "completed", "interrupted"}},
+		"started_at": str(), "ended_at": nullable("string"), "end_reason": nullable("string"),
+		"max_hours": nullable("number"), "billable_seconds": integer(), "cost_cents": integer(),
+	}),
+	"RentalList":  map[string]any{"type": "array", "items": ref("Rental")},
 	"NodeWithKey": obj(map[string]any{"node": ref("Node"), "api_key": str()}),
 	"Stats":       map[string]any{"type": "object"},
 	"Error": obj(map[string]any{

@@ -14,10 +14,18 @@ import (
 
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/distributedcompute/fleet"
 )
+
+var requestDuration = promauto.NewHistogramVec(prometheus.HistogramOpts{
+	Name:    "fleet_http_request_duration_seconds",
+	Help:    "REST request latency by route.",
+	Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+}, []string{"method", "route"})
 
 // nethttpClient is used for calls to Clerk; it must never hang a request.
 var nethttpClient = http.Client{Timeout: 10 * time.Second}
@@ -27,7 +35,11 @@ type Config struct {
 	Nodes    fleet.NodeStore
 	Sessions fleet.SessionStore
 	// Fleet is the live view; nil shows every node offline.
-	Fleet    Fleet
+	Fleet Fleet
+	// Billing and Rentals serve /api/billing; the coordinator always sets
+	// them (tests of the marketplace alone may not).
+	Billing  Billing
+	Rentals  fleet.RentalStore
 	Verifier *Verifier
 	Logger   *slog.Logger
 
@@ -169,6 +181,14 @@ func (s *Server) routes() {
 	m.GET("/my-nodes", s.myNodes, auth...)
 	m.POST("/nodes/:id/api-key", s.rotateKey, auth...)
 	m.DELETE("/nodes/:id/api-key", s.revokeKey, auth...)
+
+	b := e.Group("/api/billing", auth...)
+	b.POST("/rentals", s.createRental)
+	b.GET("/rentals", s.listRentals)
+	b.GET("/rentals/:id", s.getRental)
+	b.POST("/rentals/:id/stop", s.stopRental)
+	b.GET("/earnings", s.earnings)
+	b.GET("/summary", s.summary)
 }
 
 // Echo exposes the router so that other packages can mount endpoints.
@@ -244,6 +264,11 @@ func (s *Server) accessLog(next echo.HandlerFunc) echo.HandlerFunc {
 			c.Error(err)
 		}
 		req := c.Request()
+		route := c.Path()
+		if route == "" {
+			route = "unmatched" // bounded label values: never the raw path
+		}
+		requestDuration.WithLabelValues(req.Method, route).Observe(time.Since(start).Seconds())
 		s.log.LogAttrs(req.Context(), slog.LevelInfo, "request",
 			slog.String("request_id", requestID(c)),
 			slog.String("method", req.Method),

@@ -1,8 +1,9 @@
 // Package persistence keeps the coordinator's records in one bbolt file:
-// nodes, the indexes that find them by owner and by API key hash, and the
-// sessions of their agents. It is the only package that knows the file's
-// buckets and key layout; everything else goes through fleet.NodeStore and
-// fleet.SessionStore.
+// nodes, the indexes that find them by owner and by API key hash, the
+// sessions of their agents, rentals with their indexes, and idempotency
+// records. It is the only package that knows the file's buckets and key
+// layout; everything else goes through fleet.NodeStore, fleet.SessionStore
+// and fleet.RentalStore.
 //
 // The layout follows etcd's use of bbolt: one bucket per kind of record, keys
 // built so that byte order is the order they are read in, and writes batched
@@ -26,7 +27,7 @@ import (
 // SchemaVersion is the layout version this build reads and writes. Open
 // upgrades files of older versions and refuses newer ones, so that a
 // downgraded binary cannot misread data it does not understand.
-const SchemaVersion = 1
+const SchemaVersion = 2
 
 // DefaultLockTimeout is how long Open waits for the file lock. bbolt holds an
 // exclusive lock for as long as a file is open, and without a timeout a second
@@ -53,6 +54,24 @@ var (
 	// openSessionsBucket: node ID -> key in sessionsBucket of the node's open
 	// session, so that open sessions are found without a scan.
 	openSessionsBucket = []byte("open_sessions")
+
+	// Schema version 2.
+
+	// rentalsBucket: rental ID -> JSON rentalRecord.
+	rentalsBucket = []byte("rentals")
+	// renterIndexBucket: renter ID, 0x00, 8-byte big-endian bitwise NOT of
+	// StartedAt's Unix nanoseconds, rental ID -> empty. The inverted time
+	// makes a forward scan of one renter's range list the newest first.
+	renterIndexBucket = []byte("rentals_by_renter")
+	// ownerRentalIndexBucket: the same as renterIndexBucket, by owner ID.
+	ownerRentalIndexBucket = []byte("rentals_by_owner")
+	// liveRentalsBucket: node ID -> ID of the node's active or paused
+	// rental. At most one entry per node is what keeps a node from being
+	// rented twice.
+	liveRentalsBucket = []byte("live_rentals_by_node")
+	// idempotencyBucket: user ID, 0x00, Idempotency-Key -> JSON
+	// idempotencyRecord.
+	idempotencyBucket = []byte("idempotency")
 )
 
 // migrations[v] upgrades a file from schema version v to v+1 inside the
@@ -66,10 +85,16 @@ var migrations = []func(tx *bolt.Tx) error{
 		return createBuckets(tx, nodesBucket, ownerIndexBucket, keyHashIndexBucket,
 			sessionsBucket, openSessionsBucket)
 	},
+	1: func(tx *bolt.Tx) error {
+		// Nothing of version 1 changes: rentals only add buckets.
+		return createBuckets(tx, rentalsBucket, renterIndexBucket, ownerRentalIndexBucket,
+			liveRentalsBucket, idempotencyBucket)
+	},
 }
 
-// Store is a bbolt file holding nodes and sessions. It implements
-// fleet.NodeStore and fleet.SessionStore and is safe for concurrent use.
+// Store is a bbolt file holding nodes, sessions, rentals and idempotency
+// records. It implements fleet.NodeStore, fleet.SessionStore and
+// fleet.RentalStore and is safe for concurrent use.
 // Every write is durable (fsynced) when it returns; concurrent writes are
 // coalesced into shared transactions by bbolt's Batch.
 type Store struct {
@@ -79,6 +104,7 @@ type Store struct {
 var (
 	_ fleet.NodeStore    = (*Store)(nil)
 	_ fleet.SessionStore = (*Store)(nil)
+	_ fleet.RentalStore  = (*Store)(nil)
 )
 
 // Option configures Open.

@@ -308,7 +308,7 @@ func TestRunSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	var got struct {
-		Event string              `json:"event"`
+		Event string                   `json:"event"`
 		Data  fleet.RentalStartedEvent `json:"data"`
 	}
 	if err := json.Unmarshal(raw, &got); err != nil {

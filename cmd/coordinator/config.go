@@ -36,6 +36,7 @@ type config struct {
 	HeartbeatDeadline    time.Duration
 	HeartbeatMinInterval time.Duration
 	MaxFrameBytes        int
+	LostAfter            time.Duration
 }
 
 // settingError names the setting at fault, so that start-up fails with one
@@ -137,6 +138,10 @@ func loadConfig(getenv func(string) string, serving bool) (*config, error) {
 		HeartbeatDeadline:    e.duration("HEARTBEAT_DEADLINE", 5*time.Second, 500*time.Millisecond, 10*time.Minute),
 		HeartbeatMinInterval: e.duration("HEARTBEAT_MIN_INTERVAL", time.Second, 10*time.Millisecond, 10*time.Minute),
 		MaxFrameBytes:        int(e.integer("MAX_FRAME_BYTES", 64<<10, 1024, 1<<20)),
+		LostAfter:            e.duration("LOST_AFTER", 2*time.Minute, time.Second, 7*24*time.Hour),
+	}
+	if c.LostAfter <= c.HeartbeatDeadline {
+		e.fail("LOST_AFTER", "must be longer than HEARTBEAT_DEADLINE")
 	}
 	if c.HeartbeatMinInterval >= c.HeartbeatDeadline {
 		e.fail("HEARTBEAT_MIN_INTERVAL", "must be shorter than HEARTBEAT_DEADLINE")

@@ -98,7 +98,8 @@ func startCoordinator(t *testing.T, dataDir string, extraEnv ...string) *coordin
 	t.Helper()
 	port := freePort(t)
 	c := &coordinator{t: t, dataDir: dataDir, port: port, url: fmt.Sprintf("http://127.0.0.1:%d", port), logs: &lockedBuffer{}}
-	c.env = append(os.Environ(), "AUTH_MODE=dev", "DATA_DIR="+dataDir, fmt.Sprintf("PORT=%d", port), "LOG_LEVEL=debug")
+	c.env = append(os.Environ(), "AUTH_MODE=dev", "DATA_DIR="+dataDir, fmt.Sprintf("PORT=%d", port), "LOG_LEVEL=debug",
+		"RATE_LIMIT_RPS=1000", "RATE_LIMIT_BURST=1000") // the tests poll fast
 	c.env = append(c.env, extraEnv...)
 	c.start()
 	return c

@@ -141,6 +141,8 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 	system, err := actors.New(actors.Config{
 		Nodes:                store,
 		Sessions:             store,
+		Rentals:              store,
+		LostAfter:            cfg.LostAfter,
 		HeartbeatDeadline:    cfg.HeartbeatDeadline,
 		HeartbeatMinInterval: cfg.HeartbeatMinInterval,
 		Logger:               log,
@@ -165,6 +167,8 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 		Nodes:              store,
 		Sessions:           store,
 		Fleet:              system,
+		Billing:            system,
+		Rentals:            store,
 		MaxFrameBytes:      cfg.MaxFrameBytes,
 		Verifier:           verifier,
 		Logger:             log,

@@ -1,0 +1,366 @@
+package actors
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/asynkron/protoactor-go/actor"
+
+	"github.com/distributedcompute/fleet"
+)
+
+// Requests to the billing actor, and its answer.
+type startRental struct {
+	renterID, nodeID string
+	maxHours         *float64
+	idemKey          string
+	bodyHash         []byte
+}
+
+type stopRental struct{ userID, rentalID string }
+
+type deleteNode struct{ userID, nodeID string }
+
+type billingResult struct {
+	rental   *fleet.Rental
+	replayed bool
+	err      error
+}
+
+// nodeOnline and nodeOffline are the registry's transitions, forwarded.
+type nodeOnline struct {
+	nodeID string
+	at     time.Time
+}
+
+type nodeOffline struct {
+	nodeID   string
+	lastSeen time.Time
+}
+
+// rentalTimer fires a rental's lost or max-hours timer; gen discards timers
+// that were superseded.
+type rentalTimer struct {
+	nodeID string
+	gen    uint64
+}
+
+// deliver asks the fleet to pass an event to a node's actor.
+type deliver struct {
+	nodeID string
+	event  string
+	data   any
+}
+
+// billing is the actor that owns live rentals. Every change to a rental
+// goes through it, so that two renters racing for one node, a stop racing a
+// node going offline, and the timers are serialised. It follows the two
+// timers of every fleet system: "unreachable" at the heartbeat deadline
+// (billing pauses at the last heartbeat) and "lost" after LostAfter
+// unreachable (the rental ends as interrupted).
+type billing struct {
+	cfg    *Config
+	view   *view
+	rented *sync.Map // node ID -> rental ID, read by the REST layer
+	live   map[string]*fleet.Rental
+	timers map[string]*time.Timer
+	gens   map[string]uint64
+	// pendingStops are ended rentals whose agent has not been told yet.
+	pendingStops map[string][]*fleet.Rental
+}
+
+func (b *billing) Receive(ctx actor.Context) {
+	switch m := ctx.Message().(type) {
+	case *actor.Started:
+		b.recover(ctx)
+	case *actor.Stopping, *actor.Restarting:
+		for _, t := range b.timers {
+			t.Stop()
+		}
+	case startRental:
+		r, replayed, err := b.start(ctx, m)
+		ctx.Respond(billingResult{rental: r, replayed: replayed, err: err})
+	case stopRental:
+		r, err := b.stop(ctx, m)
+		ctx.Respond(billingResult{rental: r, err: err})
+	case deleteNode:
+		ctx.Respond(billingResult{err: b.deleteNode(ctx, m)})
+	case nodeOnline:
+		b.online(ctx, m)
+	case nodeOffline:
+		b.offline(ctx, m)
+	case rentalTimer:
+		b.timerFired(ctx, m)
+	case panicNow:
+		panic("billing: panic requested")
+	}
+}
+
+func (b *billing) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 10*time.Second)
+}
+
+// recover loads the live rentals on start (or after a panic). A rental
+// whose node is not online now is paused at the node's last known
+// heartbeat, so the time a coordinator was down is never billed.
+func (b *billing) recover(ctx actor.Context) {
+	b.live, b.timers, b.gens = map[string]*fleet.Rental{}, map[string]*time.Timer{}, map[string]uint64{}
+	b.pendingStops = map[string][]*fleet.Rental{}
+	c, cancel := b.ctx()
+	defer cancel()
+	rentals, err := b.cfg.Rentals.LiveRentals(c)
+	if err != nil {
+		// Without its rentals billing cannot run; a restart will try again.
+		panic("billing: loading live rentals: " + err.Error())
+	}
+	now := b.cfg.Now()
+	for _, r := range rentals {
+		b.live[r.NodeID] = r
+		b.rented.Store(r.NodeID, r.ID)
+		p, _ := b.view.get(r.NodeID)
+		if p.Online {
+			if r.Status == fleet.RentalPaused {
+				b.save(r, func(x *fleet.Rental) { x.Resume(now) })
+			}
+			b.arm(ctx, r, now)
+			continue
+		}
+		lastSeen := p.LastSeenAt
+		if n, err := b.cfg.Nodes.Node(c, r.NodeID); err == nil && n.LastSeenAt != nil && n.LastSeenAt.After(lastSeen) {
+			lastSeen = *n.LastSeenAt
+		}
+		if r.Status == fleet.RentalActive {
+			b.save(r, func(x *fleet.Rental) { x.Pause(lastSeen) })
+		}
+		b.armLost(ctx, r, lastSeen)
+	}
+	if len(rentals) > 0 {
+		b.cfg.Logger.Info("billing resumed live rentals", "count", len(rentals))
+	}
+}
+
+// save applies fn to r in the store and keeps the stored result.
+func (b *billing) save(r *fleet.Rental, fn func(*fleet.Rental)) bool {
+	c, cancel := b.ctx()
+	defer cancel()
+	updated, err := b.cfg.Rentals.UpdateRental(c, r.ID, func(x *fleet.Rental) error { fn(x); return nil })
+	if err != nil {
+		b.cfg.Logger.LogAttrs(c, slog.LevelError, "saving rental failed", slog.String("rental_id", r.ID), slog.String("error", err.Error()))
+		fn(r) // keep billing right in memory; the next save writes it
+		return false
+	}
+	*r = *updated
+	return true
+}
+
+func (b *billing) start(ctx actor.Context, m startRental) (*fleet.Rental, bool, error) {
+	c, cancel := b.ctx()
+	defer cancel()
+	if m.idemKey != "" {
+		rec, err := b.cfg.Rentals.Idempotency(c, m.renterID, m.idemKey)
+		switch {
+		case err == nil && !bytes.Equal(rec.BodyHash, m.bodyHash):
+			return nil, false, fleet.Errorf(fleet.ECONFLICT, "Idempotency-Key was used with a different request body.")
+		case err == nil:
+			r, err := b.cfg.Rentals.Rental(c, rec.RentalID)
+			return r, true, err
+		case fleet.ErrorCode(err) != fleet.ENOTFOUND:
+			return nil, false, err
+		}
+	}
+	node, err := b.cfg.Nodes.Node(c, m.nodeID)
+	if err != nil {
+		return nil, false, err
+	}
+	switch p, _ := b.view.get(m.nodeID); {
+	case node.OwnerID == m.renterID:
+		return nil, false, fleet.Errorf(fleet.ECONFLICT, "You cannot rent your own node.")
+	case b.live[m.nodeID] != nil:
+		return nil, false, fleet.Errorf(fleet.ECONFLICT, "Node is already rented.")
+	case !p.Online:
+		return nil, false, fleet.Errorf(fleet.ECONFLICT, "Node is offline; only an online node can be rented.")
+	}
+	now := b.cfg.Now().UTC()
+	r := &fleet.Rental{
+		ID: fleet.NewID("rnt_"), NodeID: node.ID, RenterID: m.renterID, OwnerID: node.OwnerID,
+		PricePerHourCents: node.PricePerHourCents, Status: fleet.RentalActive, StartedAt: now,
+		MaxHours: m.maxHours, Intervals: []fleet.Interval{{Start: now}},
+	}
+	var idem *fleet.Idempotency
+	if m.idemKey != "" {
+		idem = &fleet.Idempotency{UserID: m.renterID, Key: m.idemKey, BodyHash: m.bodyHash, RentalID: r.ID, CreatedAt: now}
+	}
+	if err := b.cfg.Rentals.CreateRental(c, r, idem); err != nil {
+		return nil, false, err
+	}
+	b.live[r.NodeID] = r
+	b.rented.Store(r.NodeID, r.ID)
+	b.arm(ctx, r, now)
+	b.notify(ctx, r)
+	b.cfg.Logger.Info("rental started", "rental_id", r.ID, "node_id", r.NodeID, "renter_id", r.RenterID)
+	return r, false, nil
+}
+
+func (b *billing) stop(ctx actor.Context, m stopRental) (*fleet.Rental, error) {
+	c, cancel := b.ctx()
+	defer cancel()
+	r, err := b.cfg.Rentals.Rental(c, m.rentalID)
+	if err != nil {
+		return nil, err
+	}
+	if m.userID != r.RenterID && m.userID != r.OwnerID {
+		return nil, fleet.Errorf(fleet.ENOTFOUND, "Rental not found.")
+	}
+	live := b.live[r.NodeID]
+	if live == nil || live.ID != r.ID {
+		return nil, fleet.Errorf(fleet.ECONFLICT, "Rental has already ended (%s).", r.Status)
+	}
+	reason := "stopped by renter"
+	if m.userID == r.OwnerID {
+		reason = "stopped by owner"
+	}
+	b.end(ctx, live, fleet.RentalStopped, reason, b.cfg.Now().UTC())
+	return live, nil
+}
+
+func (b *billing) deleteNode(ctx actor.Context, m deleteNode) error {
+	c, cancel := b.ctx()
+	defer cancel()
+	n, err := b.cfg.Nodes.Node(c, m.nodeID)
+	if err != nil {
+		return err
+	}
+	if n.OwnerID != m.userID {
+		return fleet.Errorf(fleet.EFORBIDDEN, "You do not own this node.")
+	}
+	if b.live[m.nodeID] != nil {
+		return fleet.Errorf(fleet.ECONFLICT, "Node has an active rental; stop it before deleting the node.")
+	}
+	if err := b.cfg.Nodes.DeleteNode(c, m.nodeID); err != nil {
+		return err
+	}
+	delete(b.pendingStops, m.nodeID)
+	ctx.Send(ctx.Parent(), kick{nodeID: m.nodeID, code: fleet.CloseKeyRevoked})
+	return nil
+}
+
+// end ends a live rental, frees its node and tells the agent if it can.
+func (b *billing) end(ctx actor.Context, r *fleet.Rental, status, reason string, at time.Time) {
+	b.save(r, func(x *fleet.Rental) { x.End(status, reason, at) })
+	delete(b.live, r.NodeID)
+	b.rented.Delete(r.NodeID)
+	b.disarm(r.NodeID)
+	b.pendingStops[r.NodeID] = append(b.pendingStops[r.NodeID], r)
+	b.notify(ctx, r)
+	secs, cost := r.Figures(at)
+	b.cfg.Logger.Info("rental ended", "rental_id", r.ID, "status", status, "reason", reason, "billable_seconds", secs, "cost_cents", cost)
+}
+
+func (b *billing) online(ctx actor.Context, m nodeOnline) {
+	if r := b.live[m.nodeID]; r != nil {
+		if r.Status == fleet.RentalPaused {
+			b.save(r, func(x *fleet.Rental) { x.Resume(m.at) })
+			b.cfg.Logger.Info("rental resumed", "rental_id", r.ID)
+		}
+		b.arm(ctx, r, m.at)
+		b.notify(ctx, r)
+	}
+	for _, r := range append([]*fleet.Rental(nil), b.pendingStops[m.nodeID]...) {
+		b.notify(ctx, r)
+	}
+}
+
+func (b *billing) offline(ctx actor.Context, m nodeOffline) {
+	r := b.live[m.nodeID]
+	if r == nil || r.Status != fleet.RentalActive {
+		return
+	}
+	b.save(r, func(x *fleet.Rental) { x.Pause(m.lastSeen) })
+	b.cfg.Logger.Info("rental paused: node unreachable", "rental_id", r.ID, "last_seen", m.lastSeen)
+	b.armLost(ctx, r, m.lastSeen)
+}
+
+// arm sets the max-hours timer of an active rental.
+func (b *billing) arm(ctx actor.Context, r *fleet.Rental, now time.Time) {
+	b.disarm(r.NodeID)
+	if at := r.CompletesAt(now); !at.IsZero() {
+		b.setTimer(ctx, r.NodeID, at.Sub(b.cfg.Now()))
+	}
+}
+
+// armLost sets the lost timer of a paused rental: LostAfter from its last
+// heartbeat.
+func (b *billing) armLost(ctx actor.Context, r *fleet.Rental, lastSeen time.Time) {
+	b.disarm(r.NodeID)
+	b.setTimer(ctx, r.NodeID, lastSeen.Add(b.cfg.LostAfter).Sub(b.cfg.Now()))
+}
+
+func (b *billing) setTimer(ctx actor.Context, nodeID string, d time.Duration) {
+	b.gens[nodeID]++
+	gen, self, root := b.gens[nodeID], ctx.Self(), ctx.ActorSystem().Root
+	b.timers[nodeID] = time.AfterFunc(max(d, 0), func() { root.Send(self, rentalTimer{nodeID: nodeID, gen: gen}) })
+}
+
+func (b *billing) disarm(nodeID string) {
+	if t := b.timers[nodeID]; t != nil {
+		t.Stop()
+		delete(b.timers, nodeID)
+	}
+	b.gens[nodeID]++
+}
+
+func (b *billing) timerFired(ctx actor.Context, m rentalTimer) {
+	r := b.live[m.nodeID]
+	if r == nil || m.gen != b.gens[m.nodeID] {
+		return
+	}
+	delete(b.timers, m.nodeID)
+	now := b.cfg.Now()
+	switch r.Status {
+	case fleet.RentalActive:
+		at := r.CompletesAt(now)
+		if at.IsZero() {
+			return
+		}
+		if at.After(now) { // woke early: sleep the rest
+			b.arm(ctx, r, now)
+			return
+		}
+		b.end(ctx, r, fleet.RentalCompleted, "max_hours reached", at.UTC())
+	case fleet.RentalPaused:
+		b.end(ctx, r, fleet.RentalInterrupted, "node unreachable for "+b.cfg.LostAfter.String(), now.UTC())
+	}
+}
+
+// notify tells the node's agent about r if the node is online and has not
+// been told yet; otherwise it waits for the node to come back.
+func (b *billing) notify(ctx actor.Context, r *fleet.Rental) {
+	if p, _ := b.view.get(r.NodeID); !p.Online {
+		return
+	}
+	if !r.NotifiedStart && r.Live() {
+		ctx.Send(ctx.Parent(), deliver{nodeID: r.NodeID, event: fleet.EventRentalStarted, data: fleet.RentalStartedEvent{
+			RentalID: r.ID, RenterID: r.RenterID, StartedAt: r.StartedAt, MaxHours: r.MaxHours}})
+		b.save(r, func(x *fleet.Rental) { x.NotifiedStart = true })
+	}
+	if !r.Live() && !r.NotifiedStop {
+		ctx.Send(ctx.Parent(), deliver{nodeID: r.NodeID, event: fleet.EventRentalStopped, data: fleet.RentalStoppedEvent{
+			RentalID: r.ID, Reason: r.EndReason}})
+		b.save(r, func(x *fleet.Rental) { x.NotifiedStop = true })
+		stops := b.pendingStops[r.NodeID]
+		for i, s := range stops {
+			if s.ID == r.ID {
+				stops = append(stops[:i], stops[i+1:]...)
+				break
+			}
+		}
+		if len(stops) == 0 {
+			delete(b.pendingStops, r.NodeID)
+		} else {
+			b.pendingStops[r.NodeID] = stops
+		}
+	}
+}

@@ -135,7 +135,7 @@ func (c *Conn) encode(f fleet.Frame) (string, error) {
 	}
 	data = append(append(data, f.Data...), ']')
 	p.data = data
-	return p.encode(), nil
+	return p.message(), nil
 }
 
 // Close ends the connection: the client gets DISCONNECT for the namespace

@@ -36,6 +36,32 @@ const (
 	probe = "probe"
 )
 
+// Engine.IO error codes, answered as {"code":N,"message":"..."} with HTTP
+// 400 (403 for errForbidden).
+const (
+	errUnknownTransport   = 0
+	errUnknownSID         = 1
+	errBadHandshakeMethod = 2
+	errBadRequest         = 3
+	errForbidden          = 4
+	errUnsupportedVersion = 5
+)
+
+var engineErrorMessages = map[int]string{
+	errUnknownTransport:   "Transport unknown",
+	errUnknownSID:         "Session ID unknown",
+	errBadHandshakeMethod: "Bad handshake method",
+	errBadRequest:         "Bad request",
+	errForbidden:          "Forbidden",
+	errUnsupportedVersion: "Unsupported protocol version",
+}
+
+// Transport names of the transport query parameter.
+const (
+	transportPolling   = "polling"
+	transportWebSocket = "websocket"
+)
+
 // errMalformed is wrapped by every decoding error of either protocol.
 var errMalformed = errors.New("malformed packet")
 

@@ -160,6 +160,11 @@ func (p packet) encode() string {
 	return b.String()
 }
 
+// message returns the Engine.IO message packet that carries p.
+func (p packet) message() string {
+	return string(rune(engineMessage)) + p.encode()
+}
+
 // eventArgs splits the data of an EVENT packet into the event name and the
 // raw JSON of its first argument (nil when there is none).
 func eventArgs(data json.RawMessage) (string, json.RawMessage, error) {

@@ -12,32 +12,6 @@ import (
 	"github.com/gorilla/websocket"
 )
 
-// Engine.IO error codes, answered as {"code":N,"message":"..."} with HTTP
-// 400 (403 for errForbidden).
-const (
-	errUnknownTransport   = 0
-	errUnknownSID         = 1
-	errBadHandshakeMethod = 2
-	errBadRequest         = 3
-	errForbidden          = 4
-	errUnsupportedVersion = 5
-)
-
-var engineErrorMessages = map[int]string{
-	errUnknownTransport:   "Transport unknown",
-	errUnknownSID:         "Session ID unknown",
-	errBadHandshakeMethod: "Bad handshake method",
-	errBadRequest:         "Bad request",
-	errForbidden:          "Forbidden",
-	errUnsupportedVersion: "Unsupported protocol version",
-}
-
-// Transport names of the transport query parameter.
-const (
-	transportPolling   = "polling"
-	transportWebSocket = "websocket"
-)
-
 // OnConnect is called (from a request goroutine) when a client CONNECTs to
 // the namespace. header is the HTTP header of the Engine.IO handshake
 // request. Return nil to accept: the server replies CONNECT and the caller

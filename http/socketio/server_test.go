@@ -221,7 +221,12 @@ func (e *env) connectPolling() (string, *Conn) {
 	e.t.Helper()
 	sid := e.handshake(nil).SID
 	e.post(sid, "40/fleet,")
-	got := e.poll(sid)
+	var got []string
+	for _, p := range e.poll(sid) {
+		if p != "2" { // a ping, when the test pings often
+			got = append(got, p)
+		}
+	}
 	if len(got) != 1 || !strings.HasPrefix(got[0], `40/fleet,{"sid":"`) {
 		e.t.Fatalf("connect reply = %q", got)
 	}
@@ -234,7 +239,11 @@ func (e *env) connectWebSocket() (*websocket.Conn, string, *Conn) {
 	ws := e.dial("EIO=4&transport=websocket")
 	open := parseOpen(e.t, readWS(e.t, ws))
 	writeWS(e.t, ws, "40/fleet,")
-	if got := readWS(e.t, ws); !strings.HasPrefix(got, `40/fleet,{"sid":"`) {
+	got := readWS(e.t, ws)
+	for got == "2" { // a ping, when the test pings often
+		got = readWS(e.t, ws)
+	}
+	if !strings.HasPrefix(got, `40/fleet,{"sid":"`) {
 		e.t.Fatalf("connect reply = %q", got)
 	}
 	return ws, open.SID, e.nextConn()
@@ -619,10 +628,7 @@ func TestPingTimeout(t *testing.T) {
 	t.Run("websocket", func(t *testing.T) {
 		e := newEnv(t, cfg, nil)
 		ws, sid, c := e.connectWebSocket()
-		if got := readWS(t, ws); got != "2" {
-			t.Fatalf("got %q, want ping", got)
-		}
-		// No pong: the session is closed.
+		// Pings are read, never answered: the session is closed.
 		wsClosed(t, ws)
 		e.sessionGone(sid)
 		if _, err := readFrame(t, c); !errors.Is(err, errPingTimeout) {
@@ -690,13 +696,14 @@ func TestInvalidNamespace(t *testing.T) {
 }
 
 func TestRefusedConnect(t *testing.T) {
-	refused := make(chan *Conn, 1)
+	var refused chan *Conn
 	refuse := func(h http.Header, c *Conn) error {
 		refused <- c
 		return errors.New("bad key")
 	}
 
 	t.Run("polling", func(t *testing.T) {
+		refused = make(chan *Conn, 1)
 		e := newEnv(t, Config{}, refuse)
 		sid := e.handshake(nil).SID
 		e.post(sid, "40/fleet,")
@@ -732,6 +739,7 @@ func TestRefusedConnect(t *testing.T) {
 	})
 
 	t.Run("polling client closes first", func(t *testing.T) {
+		refused = make(chan *Conn, 1)
 		e := newEnv(t, Config{}, refuse)
 		sid := e.handshake(nil).SID
 		e.post(sid, "40/fleet,")
@@ -741,6 +749,7 @@ func TestRefusedConnect(t *testing.T) {
 	})
 
 	t.Run("client never polls again", func(t *testing.T) {
+		refused = make(chan *Conn, 1)
 		e := newEnv(t, Config{WriteTimeout: 50 * time.Millisecond}, refuse)
 		sid := e.handshake(nil).SID
 		e.post(sid, "40/fleet,")
@@ -749,6 +758,7 @@ func TestRefusedConnect(t *testing.T) {
 	})
 
 	t.Run("websocket", func(t *testing.T) {
+		refused = make(chan *Conn, 1)
 		e := newEnv(t, Config{}, refuse)
 		ws := e.dial("EIO=4&transport=websocket")
 		sid := parseOpen(t, readWS(t, ws)).SID
@@ -827,12 +837,22 @@ func TestConnClose(t *testing.T) {
 			}
 		}()
 		go func() {
-			for c.WriteFrame(fleet.Frame{Event: "spam"}) == nil {
+			for {
+				if c.WriteFrame(fleet.Frame{Event: "spam"}) != nil {
+					return
+				}
 			}
 		}()
 		go func() {
-			for i := 0; ; i++ {
+			for {
 				if ws.WriteMessage(websocket.TextMessage, []byte(`42/fleet,["hb"]`)) != nil {
+					return
+				}
+			}
+		}()
+		go func() {
+			for {
+				if _, _, err := ws.ReadMessage(); err != nil {
 					return
 				}
 			}
@@ -1015,10 +1035,6 @@ func TestServerClose(t *testing.T) {
 // the goroutines return to what they were.
 func TestNoGoroutineLeak(t *testing.T) {
 	before := runtime.NumGoroutine()
-	func() {
-		t := &testing.T{}
-		_ = t
-	}()
 	sub := func(name string, f func(t *testing.T)) {
 		if !t.Run(name, f) {
 			t.FailNow()

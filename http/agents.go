@@ -1,6 +1,7 @@
 package http
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promauto"
 
 	"github.com/distributedcompute/fleet"
+	"github.com/distributedcompute/fleet/http/socketio"
 )
 
 var rejectedHandshakes = promauto.NewCounterVec(prometheus.CounterOpts{
@@ -37,7 +39,7 @@ var wsWriteBuffers sync.Pool
 // agentNode authenticates an agent by the host API key in its
 // Authorization header: the checksum first, so that junk never reaches the
 // store, then the hash lookup. It returns the refusal reason on failure.
-func (s *Server) agentNode(r *http.Request, h http.Header) (*fleet.Node, []byte, string) {
+func (s *Server) agentNode(ctx context.Context, h http.Header) (*fleet.Node, []byte, string) {
 	auth := h.Get("Authorization")
 	if auth == "" {
 		return nil, nil, rejectNoKey
@@ -51,7 +53,7 @@ func (s *Server) agentNode(r *http.Request, h http.Header) (*fleet.Node, []byte,
 		return nil, nil, rejectChecksum
 	}
 	hash := fleet.HashAPIKey(key)
-	n, err := s.cfg.Nodes.NodeByKeyHash(r.Context(), hash)
+	n, err := s.cfg.Nodes.NodeByKeyHash(ctx, hash)
 	switch {
 	case fleet.ErrorCode(err) == fleet.ENOTFOUND:
 		return nil, nil, rejectUnknown
@@ -70,7 +72,7 @@ func (s *Server) fleetSocket(c echo.Context) error {
 		rejectedHandshakes.WithLabelValues(rejectDraining).Inc()
 		return c.JSON(http.StatusServiceUnavailable, envelope{Error: &errorBody{Code: "UNAVAILABLE", Message: "Shutting down; connect to another coordinator."}})
 	}
-	node, hash, reason := s.agentNode(r, r.Header)
+	node, hash, reason := s.agentNode(r.Context(), r.Header)
 	if reason != "" {
 		rejectedHandshakes.WithLabelValues(reason).Inc()
 		s.log.Info("agent handshake refused", "reason", reason, "remote", c.RealIP(), "request_id", requestID(c))
@@ -149,3 +151,24 @@ func (c *wsConn) Close(code int, reason string) error {
 }
 
 func (c *wsConn) RemoteAddr() string { return c.ws.RemoteAddr().String() }
+
+// socketIOConnect authenticates a Socket.IO connect to /fleet exactly as the
+// native handshake does. A refusal is answered as the auth guide says: the
+// connect is acknowledged and at once followed by a server DISCONNECT, with
+// no error event.
+func (s *Server) socketIOConnect(h http.Header, c *socketio.Conn) error {
+	if s.closing.Load() {
+		rejectedHandshakes.WithLabelValues(rejectDraining).Inc()
+		return errors.New(rejectDraining)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	node, hash, reason := s.agentNode(ctx, h)
+	if reason != "" {
+		rejectedHandshakes.WithLabelValues(reason).Inc()
+		s.log.Info("agent handshake refused", "reason", reason, "remote", c.RemoteAddr(), "transport", "socket.io")
+		return errors.New(reason)
+	}
+	s.cfg.Fleet.Connect(node, hash, c)
+	return nil
+}

@@ -25,6 +25,8 @@ var operations = []operation{
 	{method: "GET", path: "/readyz", summary: "Readiness probe: 503 while shutting down or when the store is unavailable.", status: 200},
 	{method: "GET", path: "/api/openapi.json", summary: "This document.", status: 200},
 	{method: "GET", path: "/metrics", summary: "Prometheus metrics (text exposition format, not the JSON envelope).", status: 200},
+	{method: "GET", path: "/socket.io/", summary: "Engine.IO v4 / Socket.IO v5 (namespace /fleet) for agents written with socket.io-client: long-polling GET and POST, WebSocket upgrade. Same events and key as /fleet; a refused key gets connect then a server disconnect.", status: 200},
+	{method: "POST", path: "/socket.io/", summary: "Engine.IO long-polling upload.", status: 200},
 	{method: "GET", path: "/fleet", summary: "Native agent WebSocket. Authorization: Bearer hak_... on the handshake; 401 without upgrade for a missing, malformed, unknown or revoked key. JSON text frames {event, data, ack}.", status: 101},
 	{method: "GET", path: "/api/marketplace/nodes", summary: "Public listing of nodes, filtered, sorted and paged with an opaque cursor.",
 		query: []string{"status", "gpu_model", "min_gpus", "min_vram", "max_price", "region", "sort", "limit", "cursor"}, answer: "NodeList", status: 200},

@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/distributedcompute/fleet"
+	"github.com/distributedcompute/fleet/http/socketio"
 )
 
 var requestDuration = promauto.NewHistogramVec(prometheus.HistogramOpts{
@@ -43,19 +44,22 @@ type Config struct {
 	Verifier *Verifier
 	Logger   *slog.Logger
 
-	MaxBodyBytes       int64   // 1 MiB
-	MaxPageSize        int     // 200
-	DefaultPageSize    int     // 50
-	RateLimitRPS       float64 // per user on authenticated routes, per IP on public ones
-	RateLimitBurst     int
-	RateLimitMaxKeys   int           // buckets kept in memory
-	MaxFrameBytes      int           // agent frames (64 KiB)
-	WriteTimeoutWS     time.Duration // per agent frame written (10 s)
-	CORSAllowedOrigins []string
-	ReadHeaderTimeout  time.Duration
-	ReadTimeout        time.Duration
-	WriteTimeout       time.Duration
-	IdleTimeout        time.Duration
+	MaxBodyBytes     int64   // 1 MiB
+	MaxPageSize      int     // 200
+	DefaultPageSize  int     // 50
+	RateLimitRPS     float64 // per user on authenticated routes, per IP on public ones
+	RateLimitBurst   int
+	RateLimitMaxKeys int // buckets kept in memory
+	MaxFrameBytes    int // agent frames (64 KiB)
+	// SocketIOPingInterval is Engine.IO's ping interval; it must not exceed
+	// the heartbeat deadline (4 s).
+	SocketIOPingInterval time.Duration
+	WriteTimeoutWS       time.Duration // per agent frame written (10 s)
+	CORSAllowedOrigins   []string
+	ReadHeaderTimeout    time.Duration
+	ReadTimeout          time.Duration
+	WriteTimeout         time.Duration
+	IdleTimeout          time.Duration
 
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
@@ -90,6 +94,7 @@ type Server struct {
 	http    *http.Server
 	closing atomic.Bool
 	openapi map[string]any
+	sio     *socketio.Server
 }
 
 // NewServer builds the server and its routes.
@@ -110,6 +115,7 @@ func NewServer(cfg Config) *Server {
 	setDefault(&cfg.RateLimitBurst, 40)
 	setDefault(&cfg.RateLimitMaxKeys, 100_000)
 	setDefault(&cfg.MaxFrameBytes, 64<<10)
+	setDefault(&cfg.SocketIOPingInterval, 4*time.Second)
 	setDefault(&cfg.WriteTimeoutWS, 10*time.Second)
 	setDefault(&cfg.ReadHeaderTimeout, 5*time.Second)
 	setDefault(&cfg.ReadTimeout, 15*time.Second)
@@ -135,6 +141,13 @@ func NewServer(cfg Config) *Server {
 	}))
 	e.Use(s.limitBody)
 
+	s.sio = socketio.NewServer(socketio.Config{
+		Namespace:    "/fleet",
+		PingInterval: cfg.SocketIOPingInterval,
+		MaxFrameSize: cfg.MaxFrameBytes,
+		WriteTimeout: cfg.WriteTimeoutWS,
+		Logger:       cfg.Logger.With("transport", "socket.io"),
+	}, s.socketIOConnect)
 	s.routes()
 	s.http = &http.Server{
 		Handler:           e,
@@ -168,6 +181,9 @@ func (s *Server) routes() {
 	e.GET("/healthz", s.healthz)
 	e.GET("/metrics", echo.WrapHandler(promhttp.Handler()))
 	e.GET("/fleet", s.fleetSocket)
+	// Socket.IO's client polls and upgrades under /socket.io/; the namespace
+	// /fleet is inside its packets.
+	e.Match([]string{http.MethodGet, http.MethodPost}, "/socket.io/", echo.WrapHandler(s.sio))
 	e.GET("/readyz", s.readyz)
 	e.GET("/api/openapi.json", s.openAPI, public)
 
@@ -216,7 +232,9 @@ func (s *Server) StopAccepting() { s.closing.Store(true) }
 // requests in flight until ctx ends.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.closing.Store(true)
-	return s.http.Shutdown(ctx)
+	err := s.http.Shutdown(ctx)
+	s.sio.Close()
+	return err
 }
 
 func (s *Server) healthz(c echo.Context) error {
@@ -269,7 +287,11 @@ func (s *Server) accessLog(next echo.HandlerFunc) echo.HandlerFunc {
 			route = "unmatched" // bounded label values: never the raw path
 		}
 		requestDuration.WithLabelValues(req.Method, route).Observe(time.Since(start).Seconds())
-		s.log.LogAttrs(req.Context(), slog.LevelInfo, "request",
+		level := slog.LevelInfo
+		if route == "/socket.io/" {
+			level = slog.LevelDebug // long-polling would drown the log
+		}
+		s.log.LogAttrs(req.Context(), level, "request",
 			slog.String("request_id", requestID(c)),
 			slog.String("method", req.Method),
 			slog.String("route", c.Path()),

@@ -170,6 +170,8 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 		Billing:            system,
 		Rentals:            store,
 		MaxFrameBytes:      cfg.MaxFrameBytes,
+		// Engine.IO's ping must not outlast the heartbeat deadline.
+		SocketIOPingInterval: min(4*time.Second, cfg.HeartbeatDeadline),
 		Verifier:           verifier,
 		Logger:             log,
 		MaxBodyBytes:       cfg.MaxBodyBytes,

@@ -9,6 +9,8 @@
 //   WAIT_UPGRADE  "1": emit only once the transport was upgraded to websocket
 //   LINGER_MS     keep watching this long after the end, to see reconnects (default 0)
 //   DEADLINE_MS   give up (event "deadline") after this long (default 20000)
+//   KEEP_ALIVE_MS heartbeat every this many ms after the welcome, as an agent
+//                 does, alternating with and without an ack, until killed
 //
 // Lines: open, upgrade, connect, welcome, ack, done, disconnect,
 // connect_error, reconnect_attempt, deadline, exit; each with the transport
@@ -21,6 +23,7 @@ const emits = Number(process.env.EMITS ?? "1");
 const waitUpgrade = process.env.WAIT_UPGRADE === "1";
 const lingerMs = Number(process.env.LINGER_MS ?? "0");
 const deadlineMs = Number(process.env.DEADLINE_MS ?? "20000");
+const keepAliveMs = Number(process.env.KEEP_ALIVE_MS ?? "0");
 
 function print(obj) {
   process.stdout.write(JSON.stringify(obj) + "\n");
@@ -87,6 +90,9 @@ socket.on("welcome", (data) => {
   print({ event: "welcome", data, transport: transport() });
   maybeEmit();
 });
+for (const name of ["rental.started", "rental.stopped"]) {
+  socket.on(name, (data) => print({ event: name, data, transport: transport() }));
+}
 socket.on("disconnect", (reason) => {
   print({ event: "disconnect", reason, transport: transport() });
   finish();
@@ -96,9 +102,28 @@ socket.on("connect_error", (err) => {
   finish();
 });
 
+function keepAlive() {
+  let seq = 0;
+  const beat = () => {
+    const metrics = { cpu_percent: 5, memory_used_bytes: 1024, memory_total_bytes: 4096, load1: 0.5 };
+    if (seq++ % 2 === 0) {
+      socket.emit("heartbeat", metrics, (data) => print({ event: "ack", data, transport: transport() }));
+    } else {
+      socket.emit("heartbeat", metrics);
+      print({ event: "sent", transport: transport() });
+    }
+  };
+  beat();
+  setInterval(beat, keepAliveMs);
+}
+
 function maybeEmit() {
   if (emitted || !welcomed || (waitUpgrade && !upgraded)) return;
   emitted = true;
+  if (keepAliveMs > 0) {
+    keepAlive();
+    return;
+  }
   let acked = 0;
   if (emits === 0) {
     print({ event: "done" });

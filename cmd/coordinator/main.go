@@ -164,21 +164,21 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 	}
 
 	srv := fleethttp.NewServer(fleethttp.Config{
-		Nodes:              store,
-		Sessions:           store,
-		Fleet:              system,
-		Billing:            system,
-		Rentals:            store,
-		MaxFrameBytes:      cfg.MaxFrameBytes,
+		Nodes:         store,
+		Sessions:      store,
+		Fleet:         system,
+		Billing:       system,
+		Rentals:       store,
+		MaxFrameBytes: cfg.MaxFrameBytes,
 		// Engine.IO's ping must not outlast the heartbeat deadline.
 		SocketIOPingInterval: min(4*time.Second, cfg.HeartbeatDeadline),
-		Verifier:           verifier,
-		Logger:             log,
-		MaxBodyBytes:       cfg.MaxBodyBytes,
-		MaxPageSize:        cfg.MaxPageSize,
-		RateLimitRPS:       cfg.RateLimitRPS,
-		RateLimitBurst:     cfg.RateLimitBurst,
-		CORSAllowedOrigins: cfg.CORSOrigins,
+		Verifier:             verifier,
+		Logger:               log,
+		MaxBodyBytes:         cfg.MaxBodyBytes,
+		MaxPageSize:          cfg.MaxPageSize,
+		RateLimitRPS:         cfg.RateLimitRPS,
+		RateLimitBurst:       cfg.RateLimitBurst,
+		CORSAllowedOrigins:   cfg.CORSOrigins,
 	})
 
 	l, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(cfg.Port)))

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/distributedcompute/fleet"
 )
@@ -135,7 +136,7 @@ func Open(path string, opts ...Option) (*Store, error) {
 		return nil, fmt.Errorf("persistence: create data directory: %w", err)
 	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.lockTimeout})
-	if errors.Is(err, bolt.ErrTimeout) {
+	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("persistence: open %s: data file is locked by another process (is another coordinator running with the same data directory?): %w", path, err)
 	} else if err != nil {
 		return nil, fmt.Errorf("persistence: open %s: %w", path, err)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/distributedcompute/fleet"
 	"github.com/distributedcompute/fleet/persistence"
@@ -237,8 +238,8 @@ func TestOpenLockedFile(t *testing.T) {
 		if !strings.Contains(err.Error(), "data file is locked by another process") {
 			t.Errorf("error %q does not say the file is locked", err)
 		}
-		if !errors.Is(err, bolt.ErrTimeout) {
-			t.Errorf("error %q does not wrap bolt.ErrTimeout", err)
+		if !errors.Is(err, berrors.ErrTimeout) {
+			t.Errorf("error %q does not wrap the bbolt timeout error", err)
 		}
 	case <-time.After(30 * time.Second): // a guard against hanging, far above the timeout
 		t.Fatal("Open of a locked file is still waiting")

@@ -70,15 +70,38 @@ type billing struct {
 	gens   map[string]uint64
 	// pendingStops are ended rentals whose agent has not been told yet.
 	pendingStops map[string][]*fleet.Rental
+	pruner       *time.Timer
+}
+
+// pruneIdempotency drops idempotency records past their 24 hours, hourly.
+type pruneIdempotency struct{}
+
+func (b *billing) pruneIdempotency(ctx actor.Context) {
+	cutoff := b.cfg.Now().Add(-fleet.IdempotencyTTL)
+	go func() {
+		c, cancel := b.ctx()
+		defer cancel()
+		if err := b.cfg.Rentals.PruneIdempotency(c, cutoff); err != nil {
+			b.cfg.Logger.Warn("pruning idempotency records failed", "error", err)
+		}
+	}()
+	self, root := ctx.Self(), ctx.ActorSystem().Root
+	b.pruner = time.AfterFunc(time.Hour, func() { root.Send(self, pruneIdempotency{}) })
 }
 
 func (b *billing) Receive(ctx actor.Context) {
 	switch m := ctx.Message().(type) {
 	case *actor.Started:
 		b.recover(ctx)
+		b.pruneIdempotency(ctx)
+	case pruneIdempotency:
+		b.pruneIdempotency(ctx)
 	case *actor.Stopping, *actor.Restarting:
 		for _, t := range b.timers {
 			t.Stop()
+		}
+		if b.pruner != nil {
+			b.pruner.Stop()
 		}
 	case startRental:
 		r, replayed, err := b.start(ctx, m)

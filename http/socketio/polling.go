@@ -38,10 +38,13 @@ func (s *session) servePoll(w http.ResponseWriter, r *http.Request) {
 	}
 	s.polling = true
 	s.mu.Unlock()
+	held := true // this GET is the one in flight
 	defer func() {
-		s.mu.Lock()
-		s.polling = false
-		s.mu.Unlock()
+		if held {
+			s.mu.Lock()
+			s.polling = false
+			s.mu.Unlock()
+		}
 	}()
 
 	for {
@@ -62,6 +65,11 @@ func (s *session) servePoll(w http.ResponseWriter, r *http.Request) {
 			finish = true
 		}
 		changed := s.changed
+		if payload != nil {
+			// The client may send its next GET the moment it has this
+			// answer: it must not find this one still counted in flight.
+			s.polling, held = false, false
+		}
 		s.mu.Unlock()
 
 		if payload != nil {

@@ -194,3 +194,21 @@ func (r *Rental) closeInterval(t time.Time) {
 		iv.End = t
 	}
 }
+
+// Clone returns a deep copy, so that a rental can leave its owner's hands.
+func (r *Rental) Clone() *Rental {
+	if r == nil {
+		return nil
+	}
+	c := *r
+	c.Intervals = append([]Interval(nil), r.Intervals...)
+	if r.EndedAt != nil {
+		t := *r.EndedAt
+		c.EndedAt = &t
+	}
+	if r.MaxHours != nil {
+		h := *r.MaxHours
+		c.MaxHours = &h
+	}
+	return &c
+}

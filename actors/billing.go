@@ -5,6 +5,7 @@ import (
 	"context"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/asynkron/protoactor-go/actor"
@@ -105,16 +106,18 @@ func (b *billing) Receive(ctx actor.Context) {
 		}
 	case startRental:
 		r, replayed, err := b.start(ctx, m)
-		ctx.Respond(billingResult{rental: r, replayed: replayed, err: err})
+		ctx.Respond(billingResult{rental: r.Clone(), replayed: replayed, err: err})
 	case stopRental:
 		r, err := b.stop(ctx, m)
-		ctx.Respond(billingResult{rental: r, err: err})
+		ctx.Respond(billingResult{rental: r.Clone(), err: err})
 	case deleteNode:
 		ctx.Respond(billingResult{err: b.deleteNode(ctx, m)})
 	case nodeOnline:
 		b.online(ctx, m)
 	case nodeOffline:
 		b.offline(ctx, m)
+	case reconcile:
+		b.reconcile(ctx)
 	case rentalTimer:
 		b.timerFired(ctx, m)
 	case panicNow:
@@ -140,6 +143,7 @@ func (b *billing) recover(ctx actor.Context) {
 		panic("billing: loading live rentals: " + err.Error())
 	}
 	now := b.cfg.Now()
+	b.rented.Clear()
 	for _, r := range rentals {
 		b.live[r.NodeID] = r
 		b.rented.Store(r.NodeID, r.ID)
@@ -158,7 +162,10 @@ func (b *billing) recover(ctx actor.Context) {
 		if r.Status == fleet.RentalActive {
 			b.save(r, func(x *fleet.Rental) { x.Pause(lastSeen) })
 		}
-		b.armLost(ctx, r, lastSeen)
+		// The lost timer counts from now, not from the last checkpoint: the
+		// time this coordinator was down is not the node's fault, and its
+		// agent has had no chance to reconnect yet.
+		b.armLost(ctx, r, now)
 	}
 	if len(rentals) > 0 {
 		b.cfg.Logger.Info("billing resumed live rentals", "count", len(rentals))
@@ -289,10 +296,25 @@ func (b *billing) online(ctx actor.Context, m nodeOnline) {
 			b.cfg.Logger.Info("rental resumed", "rental_id", r.ID)
 		}
 		b.arm(ctx, r, m.at)
+		// A frame sent before the drop may never have arrived: every new
+		// connection of a rented node hears rental.started again.
+		r.NotifiedStart = false
 		b.notify(ctx, r)
 	}
 	for _, r := range append([]*fleet.Rental(nil), b.pendingStops[m.nodeID]...) {
 		b.notify(ctx, r)
+	}
+}
+
+// reconcile pauses active rentals whose node the view no longer shows
+// online: after a registry restart, a nodeDown may have been lost.
+type reconcile struct{}
+
+func (b *billing) reconcile(ctx actor.Context) {
+	for id, r := range b.live {
+		if p, _ := b.view.get(id); r.Status == fleet.RentalActive && !p.Online {
+			b.offline(ctx, nodeOffline{nodeID: id, lastSeen: p.LastSeenAt})
+		}
 	}
 }
 
@@ -321,8 +343,12 @@ func (b *billing) armLost(ctx actor.Context, r *fleet.Rental, lastSeen time.Time
 	b.setTimer(ctx, r.NodeID, lastSeen.Add(b.cfg.LostAfter).Sub(b.cfg.Now()))
 }
 
+// timerGens numbers timers across restarts of the billing actor, so that a
+// timer armed before a restart can never pass for one armed after it.
+var timerGens atomic.Uint64
+
 func (b *billing) setTimer(ctx actor.Context, nodeID string, d time.Duration) {
-	b.gens[nodeID]++
+	b.gens[nodeID] = timerGens.Add(1)
 	gen, self, root := b.gens[nodeID], ctx.Self(), ctx.ActorSystem().Root
 	b.timers[nodeID] = time.AfterFunc(max(d, 0), func() { root.Send(self, rentalTimer{nodeID: nodeID, gen: gen}) })
 }
@@ -332,7 +358,7 @@ func (b *billing) disarm(nodeID string) {
 		t.Stop()
 		delete(b.timers, nodeID)
 	}
-	b.gens[nodeID]++
+	b.gens[nodeID] = timerGens.Add(1)
 }
 
 func (b *billing) timerFired(ctx actor.Context, m rentalTimer) {

@@ -327,10 +327,15 @@ func (f *fleetActor) spawn(ctx actor.Context, a accept) {
 // are restarted and rebuild their state from the node actors and the store.
 type supervision struct{ log *slog.Logger }
 
-func (s supervision) HandleFailure(_ *actor.ActorSystem, sup actor.Supervisor, child *actor.PID, _ *actor.RestartStatistics, reason, _ any) {
+func (s supervision) HandleFailure(_ *actor.ActorSystem, sup actor.Supervisor, child *actor.PID, rs *actor.RestartStatistics, reason, _ any) {
 	if strings.HasSuffix(child.Id, "/registry") || strings.HasSuffix(child.Id, "/billing") {
-		s.log.Error("actor failed; restarting it", "actor", child.Id, "reason", reason)
-		sup.RestartChildren(child)
+		// Back off when it keeps failing (a store that is down), so that a
+		// restart loop cannot spin the CPU: 100 ms doubling to 10 s.
+		rs.Fail()
+		n := rs.NumberOfFailures(time.Minute)
+		delay := min(100*time.Millisecond<<min(n-1, 7), 10*time.Second)
+		s.log.Error("actor failed; restarting it", "actor", child.Id, "reason", reason, "after", delay)
+		time.AfterFunc(delay, func() { sup.RestartChildren(child) })
 		return
 	}
 	s.log.Error("node actor failed; closing its connection", "actor", child.Id, "reason", reason)

@@ -166,8 +166,12 @@ func (n *nodeActor) handleFrame(ctx actor.Context, f fleet.Frame) {
 		n.badFrame(ctx, errors.New("unknown event"))
 		return
 	}
+	heartbeatsReceived.Inc()
+	now := n.cfg.Now()
+	// Spacing first: a flood is dropped without the cost of decoding it.
+	accepted := n.lastAccepted.IsZero() || now.Sub(n.lastAccepted) >= n.cfg.HeartbeatMinInterval
 	var m fleet.Metrics
-	if len(f.Data) > 0 && !bytes.Equal(f.Data, []byte("null")) {
+	if accepted && len(f.Data) > 0 && !bytes.Equal(f.Data, []byte("null")) {
 		if err := json.Unmarshal(f.Data, &m); err != nil {
 			n.badFrame(ctx, err)
 			return
@@ -177,9 +181,6 @@ func (n *nodeActor) handleFrame(ctx actor.Context, f fleet.Frame) {
 			return
 		}
 	}
-	heartbeatsReceived.Inc()
-	now := n.cfg.Now()
-	accepted := n.lastAccepted.IsZero() || now.Sub(n.lastAccepted) >= n.cfg.HeartbeatMinInterval
 	if accepted {
 		n.lastAccepted, n.lastSeen, n.metrics = now, now, &m
 		if n.strikes > 0 {

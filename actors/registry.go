@@ -31,6 +31,10 @@ func (r *registry) Receive(ctx actor.Context) {
 		r.pids = make(map[string]*actor.PID)
 		r.view.clear()
 		ctx.Send(ctx.Parent(), rebuild{})
+		// Once the node actors have reported, billing checks that no rental
+		// bills a node whose disconnect the failed registry swallowed.
+		bill, root := r.billing, ctx.ActorSystem().Root
+		time.AfterFunc(time.Second, func() { root.Send(bill, reconcile{}) })
 		self, root := ctx.Self(), ctx.ActorSystem().Root
 		r.timer = time.AfterFunc(r.cfg.CheckpointInterval, func() { root.Send(self, checkpoint{}) })
 	case *actor.Stopping, *actor.Restarting:
@@ -50,9 +54,7 @@ func (r *registry) Receive(ctx actor.Context) {
 		if r.pids[m.nodeID] != m.pid {
 			return // a replaced connection's late report
 		}
-		p, _ := r.view.get(m.nodeID)
-		p.LastSeenAt, p.Metrics = m.at, m.metrics
-		r.view.set(m.nodeID, p)
+		r.view.update(m.nodeID, func(p *fleet.Presence) { p.LastSeenAt, p.Metrics = m.at, m.metrics })
 	case nodeDown:
 		if pid, ok := r.pids[m.nodeID]; !ok || pid != m.pid {
 			return

@@ -49,6 +49,17 @@ func (v *view) set(id string, p fleet.Presence) {
 	s.mu.Unlock()
 }
 
+// update changes an existing entry in place under one lock.
+func (v *view) update(id string, fn func(*fleet.Presence)) {
+	s := v.shard(id)
+	s.mu.Lock()
+	if p, ok := s.nodes[id]; ok {
+		fn(&p)
+		s.nodes[id] = p
+	}
+	s.mu.Unlock()
+}
+
 func (v *view) delete(id string) {
 	s := v.shard(id)
 	s.mu.Lock()

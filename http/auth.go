@@ -139,12 +139,24 @@ func (k *ClerkKeys) Key(ctx context.Context, kid string) (*clerk.JSONWebKey, err
 	if !k.refetch.Allow() {
 		return nil, fmt.Errorf("unknown kid %q and JWKS refetch budget spent", kid)
 	}
+	if err := k.fetch(ctx); err != nil {
+		return nil, err
+	}
+	if key := k.cached(kid); key != nil {
+		return key, nil
+	}
+	return nil, fmt.Errorf("unknown kid %q", kid)
+}
+
+// fetch replaces the cached key set with Clerk's current one, so keys Clerk
+// has retired stop being trusted. Callers hold fetchMu.
+func (k *ClerkKeys) fetch(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	set, err := k.client.Get(ctx, &jwks.GetParams{})
 	if err != nil {
 		k.log.Warn("fetching Clerk JWKS failed", "error", err)
-		return nil, fmt.Errorf("fetch jwks: %w", err)
+		return fmt.Errorf("fetch jwks: %w", err)
 	}
 	keys := make(map[string]*clerk.JSONWebKey, len(set.Keys))
 	for _, key := range set.Keys {
@@ -156,10 +168,25 @@ func (k *ClerkKeys) Key(ctx context.Context, kid string) (*clerk.JSONWebKey, err
 	k.keys = keys
 	k.mu.Unlock()
 	k.log.Info("fetched Clerk JWKS", "keys", len(keys))
-	if key := keys[kid]; key != nil {
-		return key, nil
+	return nil
+}
+
+// Run refreshes the key set every interval until ctx ends. This refresh
+// does not draw on the budget unknown kids spend, so a flood of forged kids
+// cannot keep a rotated-in key from being learnt.
+func (k *ClerkKeys) Run(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		k.fetchMu.Lock()
+		_ = k.fetch(ctx)
+		k.fetchMu.Unlock()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
-	return nil, fmt.Errorf("unknown kid %q", kid)
 }
 
 func (k *ClerkKeys) cached(kid string) *clerk.JSONWebKey {
@@ -300,13 +327,19 @@ const ctxUserKey = "user_id"
 // authenticate requires a valid session token and stores its user ID.
 func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
+		ip := "ip:" + ipBucket(c.RealIP())
+		if err := s.authFailures.blocked(c, ip); err != nil {
+			return err
+		}
 		h := c.Request().Header.Get(echo.HeaderAuthorization)
 		scheme, token, _ := strings.Cut(h, " ")
 		if !strings.EqualFold(scheme, "Bearer") || token == "" {
+			s.authFailures.fail(ip)
 			return errUnauthorized
 		}
 		userID, err := s.cfg.Verifier.Verify(c.Request().Context(), strings.TrimSpace(token))
 		if err != nil {
+			s.authFailures.fail(ip)
 			// The reason is logged for the operator; the caller gets one answer.
 			s.log.Debug("token refused", "request_id", requestID(c), "reason", err.Error())
 			return errUnauthorized

@@ -70,8 +70,8 @@ func (s *Server) createRental(c echo.Context) error {
 	if in.NodeID == nil || *in.NodeID == "" {
 		v.Add("node_id", "is required")
 	}
-	if in.MaxHours != nil && (*in.MaxHours <= 0 || *in.MaxHours > fleet.MaxRentalHours) {
-		v.Add("max_hours", "must be above 0 and at most 8760")
+	if in.MaxHours != nil && (*in.MaxHours < 1.0/3600 || *in.MaxHours > fleet.MaxRentalHours) {
+		v.Add("max_hours", "must be at least one second (0.000278) and at most 8760")
 	}
 	key := c.Request().Header.Get("Idempotency-Key")
 	if len(key) > MaxIdempotencyKeyLen || strings.ContainsFunc(key, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
@@ -190,7 +190,8 @@ func (s *Server) listRentals(c echo.Context) error {
 		}
 		if after != nil {
 			t := r.StartedAt.UnixNano()
-			if t > after.T || (t == after.T && r.ID >= after.ID) {
+			// The store lists newest first, ties in ascending ID order.
+			if t > after.T || (t == after.T && r.ID <= after.ID) {
 				continue
 			}
 		}

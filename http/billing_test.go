@@ -2,6 +2,7 @@ package http_test
 
 import (
 	"encoding/json"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -54,6 +55,11 @@ func TestRentalConflicts(t *testing.T) {
 	env.rent(t, "user_renter", map[string]any{"node_id": "node_missing"}, "").wantError(t, 404, "NOT_FOUND")
 	env.rent(t, "user_renter", map[string]any{}, "").wantError(t, 400, "VALIDATION_ERROR")
 	env.rent(t, "user_renter", map[string]any{"node_id": k.Node.ID, "max_hours": -1}, "").wantError(t, 400, "VALIDATION_ERROR")
+	env.rent(t, "user_renter", map[string]any{"node_id": k.Node.ID, "max_hours": 1e-13}, "").wantError(t, 400, "VALIDATION_ERROR")
+	env.rent(t, "user_renter", map[string]any{"node_id": k.Node.ID}, strings.Repeat("k", 300)).wantError(t, 400, "VALIDATION_ERROR")
+	if res := env.do(t, "DELETE", "/api/billing/rentals", env.as(t, "user_renter"), nil); res.status != 405 || res.header.Get("Allow") == "" {
+		t.Fatalf("wrong method under /api/billing: %d %v", res.status, res.header)
+	}
 
 	// Two renters race for one node: one wins, the other gets 409.
 	var wg sync.WaitGroup

@@ -392,6 +392,20 @@ func TestRateLimits(t *testing.T) {
 	env.do(t, "GET", "/api/marketplace/nodes", "", nil).wantError(t, 429, "RATE_LIMITED")
 }
 
+// Refused tokens are limited per client address before any verification.
+func TestBadTokenFloodIsLimited(t *testing.T) {
+	env := newTestEnv(t, func(c *envConfig) { c.rps, c.burst = 0.5, 3 })
+	for i := 0; i < 3; i++ {
+		env.do(t, "GET", "/api/marketplace/my-nodes", "Bearer forged", nil).wantError(t, 401, "UNAUTHORIZED")
+	}
+	calls := env.clerk.calls.Load()
+	res := env.do(t, "GET", "/api/marketplace/my-nodes", "Bearer "+env.clerk.token(t, tokenOpts{kid: "forged"}), nil)
+	res.wantError(t, 429, "RATE_LIMITED")
+	if res.header.Get("Retry-After") == "" || env.clerk.calls.Load() != calls {
+		t.Fatal("a blocked address still cost a verification")
+	}
+}
+
 // Many registrations at once all land (the store coalesces the writes).
 func TestConcurrentRegistrations(t *testing.T) {
 	env := newTestEnv(t)

@@ -71,3 +71,21 @@ func (l *limiter) middleware(keyOf func(echo.Context) string) echo.MiddlewareFun
 		}
 	}
 }
+
+// failureGate limits what failures cost: a key (a client IP) whose bucket
+// is empty is refused before any work; each failure takes a token. Callers
+// that succeed spend nothing, so users behind one address are not held
+// back by each other.
+func (l *limiter) blocked(c echo.Context, key string) error {
+	b := l.bucket(key)
+	now := time.Now()
+	if tokens := b.TokensAt(now); tokens < 1 {
+		wait := int(math.Ceil((1 - tokens) / float64(l.rps)))
+		c.Response().Header().Set("Retry-After", strconv.Itoa(max(wait, 1)))
+		return fleet.Errorf(fleet.ERATELIMITED, "Too many failed requests; retry after %d s.", max(wait, 1))
+	}
+	return nil
+}
+
+// fail takes a token from key's bucket.
+func (l *limiter) fail(key string) { l.bucket(key).AllowN(time.Now(), 1) }

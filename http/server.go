@@ -56,10 +56,12 @@ type Config struct {
 	SocketIOPingInterval time.Duration
 	WriteTimeoutWS       time.Duration // per agent frame written (10 s)
 	CORSAllowedOrigins   []string
-	ReadHeaderTimeout    time.Duration
-	ReadTimeout          time.Duration
-	WriteTimeout         time.Duration
-	IdleTimeout          time.Duration
+	// TrustedProxies are the networks whose X-Forwarded-For is believed.
+	TrustedProxies    []*net.IPNet
+	ReadHeaderTimeout time.Duration
+	ReadTimeout       time.Duration
+	WriteTimeout      time.Duration
+	IdleTimeout       time.Duration
 
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
@@ -93,8 +95,11 @@ type Server struct {
 	echo    *echo.Echo
 	http    *http.Server
 	closing atomic.Bool
-	openapi map[string]any
-	sio     *socketio.Server
+	// authFailures limits refused tokens per client IP, so that a flood of
+	// bad tokens costs its sender, not our CPU.
+	authFailures *limiter
+	openapi      map[string]any
+	sio          *socketio.Server
 }
 
 // NewServer builds the server and its routes.
@@ -122,13 +127,22 @@ func NewServer(cfg Config) *Server {
 	setDefault(&cfg.WriteTimeout, 30*time.Second)
 	setDefault(&cfg.IdleTimeout, 120*time.Second)
 
-	s := &Server{cfg: cfg, log: cfg.Logger, openapi: openAPIDocument()}
+	s := &Server{cfg: cfg, log: cfg.Logger, openapi: openAPIDocument(),
+		authFailures: newLimiter("auth-failures", cfg.RateLimitRPS, cfg.RateLimitBurst, cfg.RateLimitMaxKeys)}
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = s.handleError
-	// The client's address is the peer's: X-Forwarded-For would let anyone
-	// pick their own rate-limit bucket.
+	// The client's address is the peer's, unless the peer is a proxy the
+	// operator trusts: an untrusted X-Forwarded-For would let anyone pick
+	// their own rate-limit bucket.
 	e.IPExtractor = echo.ExtractIPDirect()
+	if len(cfg.TrustedProxies) > 0 {
+		opts := []echo.TrustOption{echo.TrustLoopback(false), echo.TrustLinkLocal(false), echo.TrustPrivateNet(false)}
+		for _, n := range cfg.TrustedProxies {
+			opts = append(opts, echo.TrustIPRange(n))
+		}
+		e.IPExtractor = echo.ExtractIPFromXFFHeader(opts...)
+	}
 	s.echo = e
 
 	e.Use(s.requestID, s.accessLog, s.recoverPanic)
@@ -136,7 +150,7 @@ func NewServer(cfg Config) *Server {
 		AllowOrigins:  orNone(cfg.CORSAllowedOrigins),
 		AllowMethods:  []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete},
 		AllowHeaders:  []string{echo.HeaderAuthorization, echo.HeaderContentType, "Idempotency-Key"},
-		ExposeHeaders: []string{"RateLimit", "RateLimit-Policy", "Retry-After", echo.HeaderXRequestID},
+		ExposeHeaders: []string{"RateLimit", "RateLimit-Policy", "Retry-After", echo.HeaderXRequestID, echo.HeaderLocation, "Idempotent-Replayed"},
 		MaxAge:        600,
 	}))
 	e.Use(s.limitBody)
@@ -173,7 +187,7 @@ func orNone(origins []string) []string {
 func (s *Server) routes() {
 	e := s.echo
 	public := newLimiter("per-ip", s.cfg.RateLimitRPS, s.cfg.RateLimitBurst, s.cfg.RateLimitMaxKeys).
-		middleware(func(c echo.Context) string { return "ip:" + c.RealIP() })
+		middleware(func(c echo.Context) string { return "ip:" + ipBucket(c.RealIP()) })
 	perUser := newLimiter("per-user", s.cfg.RateLimitRPS, s.cfg.RateLimitBurst, s.cfg.RateLimitMaxKeys).
 		middleware(func(c echo.Context) string { return "user:" + userID(c) })
 	auth := []echo.MiddlewareFunc{s.authenticate, perUser}
@@ -198,13 +212,15 @@ func (s *Server) routes() {
 	m.POST("/nodes/:id/api-key", s.rotateKey, auth...)
 	m.DELETE("/nodes/:id/api-key", s.revokeKey, auth...)
 
-	b := e.Group("/api/billing", auth...)
-	b.POST("/rentals", s.createRental)
-	b.GET("/rentals", s.listRentals)
-	b.GET("/rentals/:id", s.getRental)
-	b.POST("/rentals/:id/stop", s.stopRental)
-	b.GET("/earnings", s.earnings)
-	b.GET("/summary", s.summary)
+	// Middleware per route, not per group: a group's catch-all would turn
+	// a wrong method into 404 instead of 405.
+	b := e.Group("/api/billing")
+	b.POST("/rentals", s.createRental, auth...)
+	b.GET("/rentals", s.listRentals, auth...)
+	b.GET("/rentals/:id", s.getRental, auth...)
+	b.POST("/rentals/:id/stop", s.stopRental, auth...)
+	b.GET("/earnings", s.earnings, auth...)
+	b.GET("/summary", s.summary, auth...)
 }
 
 // Echo exposes the router so that other packages can mount endpoints.
@@ -338,4 +354,14 @@ func (s *Server) limitBody(next echo.HandlerFunc) echo.HandlerFunc {
 		req.Body = http.MaxBytesReader(c.Response(), req.Body, s.cfg.MaxBodyBytes)
 		return next(c)
 	}
+}
+
+// ipBucket is the rate-limit key of a client address: the address itself
+// for IPv4, its /64 for IPv6, where one host commonly holds a whole /64.
+func ipBucket(addr string) string {
+	ip := net.ParseIP(addr)
+	if ip == nil || ip.To4() != nil {
+		return addr
+	}
+	return ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
 	"strconv"
 	"strings"
@@ -23,6 +24,7 @@ type config struct {
 	ClerkAPIURL     string
 	ClerkParties    []string
 	CORSOrigins     []string
+	TrustedProxies  []*net.IPNet
 	RateLimitRPS    float64
 	RateLimitBurst  int
 	MaxBodyBytes    int64
@@ -145,6 +147,14 @@ func loadConfig(getenv func(string) string, serving bool) (*config, error) {
 	}
 	if c.HeartbeatMinInterval >= c.HeartbeatDeadline {
 		e.fail("HEARTBEAT_MIN_INTERVAL", "must be shorter than HEARTBEAT_DEADLINE")
+	}
+	for _, cidr := range e.list("TRUSTED_PROXIES") {
+		_, n, err := net.ParseCIDR(cidr)
+		if err != nil {
+			e.fail("TRUSTED_PROXIES", fmt.Sprintf("must list CIDR networks like 10.0.0.0/8, got %q", cidr))
+			continue
+		}
+		c.TrustedProxies = append(c.TrustedProxies, n)
 	}
 	if err := c.LogLevel.UnmarshalText([]byte(e.str("LOG_LEVEL", "info"))); err != nil {
 		e.fail("LOG_LEVEL", "must be debug, info, warn or error")

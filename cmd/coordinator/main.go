@@ -151,6 +151,8 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 		return err
 	}
 
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
 	verifier := &fleethttp.Verifier{Issuer: cfg.ClerkIssuer, AuthorizedParties: cfg.ClerkParties, Leeway: 5 * time.Second}
 	if cfg.AuthMode == "dev" {
 		keys, err := fleethttp.LoadDevKeys(cfg.DataDir)
@@ -160,7 +162,9 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 		verifier.Keys, verifier.Issuer = keys, fleethttp.DevIssuer
 		log.Warn("AUTH_MODE=dev: accepting tokens from `coordinator dev-token`, not from Clerk; never use this in production")
 	} else {
-		verifier.Keys = fleethttp.NewClerkKeys(cfg.ClerkAPIURL, cfg.ClerkSecretKey, log)
+		keys := fleethttp.NewClerkKeys(cfg.ClerkAPIURL, cfg.ClerkSecretKey, log)
+		go keys.Run(ctx, 10*time.Minute)
+		verifier.Keys = keys
 	}
 
 	srv := fleethttp.NewServer(fleethttp.Config{
@@ -188,8 +192,6 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 	log.Info("coordinator listening", "addr", l.Addr().String(), "version", buildVersion(),
 		"auth_mode", cfg.AuthMode, "data_dir", cfg.DataDir, "tls", cfg.TLSCertFile != "")
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l, cfg.TLSCertFile, cfg.TLSKeyFile) }()
 	select {
@@ -206,7 +208,10 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 	if err := system.Shutdown(sctx); err != nil {
 		log.Warn("agents did not all disconnect in time", "error", err)
 	}
-	if err := srv.Shutdown(sctx); err != nil {
+	// REST requests in flight get their own grace, whatever the agents took.
+	rctx, rcancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer rcancel()
+	if err := srv.Shutdown(rctx); err != nil {
 		log.Warn("shutdown did not finish in time", "error", err)
 	}
 	log.Info("stopped")

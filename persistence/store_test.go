@@ -283,8 +283,11 @@ func TestRawAPIKeyNeverStored(t *testing.T) {
 // Sessions that ended a reliability window before the latest close are
 // removed when the node's session closes, so the file stays bounded.
 func TestClosePrunesOldSessions(t *testing.T) {
+	testClosePrunesOldSessions(t, openStore(t, filepath.Join(t.TempDir(), "fleet.db")))
+}
+
+func testClosePrunesOldSessions(t *testing.T, s storeUnderTest) {
 	ctx := context.Background()
-	s := openStore(t, filepath.Join(t.TempDir(), "fleet.db"))
 	mustCreate(t, s, "node_1", "user_1")
 	mustCreate(t, s, "node_2", "user_1")
 	day := func(d int) time.Time { return t0.Add(time.Duration(d) * 24 * time.Hour) }

@@ -4,7 +4,9 @@ GO          ?= go
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 NODE_FIXTURE := test/socketio
 
-.PHONY: run build test lint bench fixtures
+PROTOC_GEN_GO ?= google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+
+.PHONY: run build test lint bench fixtures proto
 
 ## run: start the coordinator in dev mode with its bbolt store under ./data
 run:
@@ -36,3 +38,9 @@ lint:
 ## bench: Go benchmarks
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+## proto: regenerate proto/*.pb.go with Debian's protoc (apt-get install protobuf-compiler) and the pinned plugin
+proto:
+	@command -v protoc >/dev/null || { echo "protoc not found: apt-get install -y protobuf-compiler"; exit 1; }
+	GOBIN=$(CURDIR)/bin $(GO) install $(PROTOC_GEN_GO)
+	PATH=$(CURDIR)/bin:$$PATH protoc --go_out=. --go_opt=paths=source_relative proto/fleet.proto

@@ -15,6 +15,8 @@ type Presence struct {
 	Metrics        *Metrics
 	// Member names the coordinator holding the node's socket.
 	Member string
+	// Rented is set when the node has a live rental.
+	Rented bool
 }
 
 // NewID returns an opaque identifier: prefix, then 20 random base62

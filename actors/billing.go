@@ -11,6 +11,7 @@ import (
 	"github.com/asynkron/protoactor-go/actor"
 
 	"github.com/distributedcompute/fleet"
+	fleetpb "github.com/distributedcompute/fleet/proto"
 )
 
 // Requests to the billing actor, and its answer.
@@ -61,17 +62,19 @@ type deliver struct {
 // node going offline, and the timers are serialised. It follows the two
 // timers of every fleet system: "unreachable" at the heartbeat deadline
 // (billing pauses at the last heartbeat) and "lost" after LostAfter
-// unreachable (the rental ends as interrupted).
+// unreachable (the rental ends as interrupted). In a cluster, each member's
+// billing tracks the rentals of the nodes it holds, the store's transactions
+// arbitrate between members, and a sweep covers nodes no member holds.
 type billing struct {
-	cfg    *Config
-	view   *view
-	rented *sync.Map // node ID -> rental ID, read by the REST layer
-	live   map[string]*fleet.Rental
-	timers map[string]*time.Timer
-	gens   map[string]uint64
-	// pendingStops are ended rentals whose agent has not been told yet.
-	pendingStops map[string][]*fleet.Rental
-	pruner       *time.Timer
+	cfg     *Config
+	view    *view
+	rented  *sync.Map // node ID -> rental ID, read by the REST layer
+	live    map[string]*fleet.Rental
+	timers  map[string]*time.Timer
+	gens    map[string]uint64
+	sys     *System
+	pruner  *time.Timer
+	sweeper *time.Timer
 }
 
 // pruneIdempotency drops idempotency records past their 24 hours, hourly.
@@ -95,6 +98,14 @@ func (b *billing) Receive(ctx actor.Context) {
 	case *actor.Started:
 		b.recover(ctx)
 		b.pruneIdempotency(ctx)
+		if b.clustered() {
+			b.sweepLater(ctx)
+		}
+	case sweep:
+		b.sweep(ctx)
+		b.sweepLater(ctx)
+	case *fleetpb.SyncBilling:
+		b.sync(ctx, m.NodeId)
 	case pruneIdempotency:
 		b.pruneIdempotency(ctx)
 	case *actor.Stopping, *actor.Restarting:
@@ -103,6 +114,9 @@ func (b *billing) Receive(ctx actor.Context) {
 		}
 		if b.pruner != nil {
 			b.pruner.Stop()
+		}
+		if b.sweeper != nil {
+			b.sweeper.Stop()
 		}
 	case startRental:
 		r, replayed, err := b.start(ctx, m)
@@ -131,19 +145,29 @@ func (b *billing) ctx() (context.Context, context.CancelFunc) {
 
 // recover loads the live rentals on start (or after a panic). A rental
 // whose node is not online now is paused at the node's last known
-// heartbeat, so the time a coordinator was down is never billed.
+// heartbeat, so the time a coordinator was down is never billed. In a
+// cluster, a member tracks only the rentals of the nodes it holds, as they
+// connect; the sweep looks after the others.
 func (b *billing) recover(ctx actor.Context) {
 	b.live, b.timers, b.gens = map[string]*fleet.Rental{}, map[string]*time.Timer{}, map[string]uint64{}
-	b.pendingStops = map[string][]*fleet.Rental{}
+	b.rented.Clear()
 	c, cancel := b.ctx()
 	defer cancel()
-	rentals, err := b.cfg.Rentals.LiveRentals(c)
-	if err != nil {
-		// Without its rentals billing cannot run; a restart will try again.
-		panic("billing: loading live rentals: " + err.Error())
+	var rentals []*fleet.Rental
+	if !b.clustered() {
+		var err error
+		if rentals, err = b.cfg.Rentals.LiveRentals(c); err != nil {
+			// Without its rentals billing cannot run; a restart will try again.
+			panic("billing: loading live rentals: " + err.Error())
+		}
+	} else {
+		for _, id := range b.localOnline() {
+			if r, err := b.cfg.Rentals.LiveRentalByNode(c, id); err == nil {
+				rentals = append(rentals, r)
+			}
+		}
 	}
 	now := b.cfg.Now()
-	b.rented.Clear()
 	for _, r := range rentals {
 		b.live[r.NodeID] = r
 		b.rented.Store(r.NodeID, r.ID)
@@ -155,10 +179,7 @@ func (b *billing) recover(ctx actor.Context) {
 			b.arm(ctx, r, now)
 			continue
 		}
-		lastSeen := p.LastSeenAt
-		if n, err := b.cfg.Nodes.Node(c, r.NodeID); err == nil && n.LastSeenAt != nil && n.LastSeenAt.After(lastSeen) {
-			lastSeen = *n.LastSeenAt
-		}
+		lastSeen := b.lastSeen(c, r.NodeID, p.LastSeenAt)
 		if r.Status == fleet.RentalActive {
 			b.save(r, func(x *fleet.Rental) { x.Pause(lastSeen) })
 		}
@@ -170,6 +191,31 @@ func (b *billing) recover(ctx actor.Context) {
 	if len(rentals) > 0 {
 		b.cfg.Logger.Info("billing resumed live rentals", "count", len(rentals))
 	}
+}
+
+func (b *billing) clustered() bool { return b.cfg.Cluster != nil }
+
+// localOnline lists the nodes held by this member.
+func (b *billing) localOnline() []string {
+	var ids []string
+	for id, p := range b.view.all() {
+		if p.Online {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// lastSeen is the latest heartbeat known of a node: from the live views
+// (this member's, or another's) or the store's checkpoint.
+func (b *billing) lastSeen(c context.Context, nodeID string, known time.Time) time.Time {
+	if p := b.sys.Presence(nodeID); p.LastSeenAt.After(known) {
+		known = p.LastSeenAt
+	}
+	if n, err := b.cfg.Nodes.Node(c, nodeID); err == nil && n.LastSeenAt != nil && n.LastSeenAt.After(known) {
+		known = *n.LastSeenAt
+	}
+	return known
 }
 
 // save applies fn to r in the store and keeps the stored result.
@@ -205,7 +251,7 @@ func (b *billing) start(ctx actor.Context, m startRental) (*fleet.Rental, bool, 
 	if err != nil {
 		return nil, false, err
 	}
-	switch p, _ := b.view.get(m.nodeID); {
+	switch p := b.sys.Presence(m.nodeID); {
 	case node.OwnerID == m.renterID:
 		return nil, false, fleet.Errorf(fleet.ECONFLICT, "You cannot rent your own node.")
 	case b.live[m.nodeID] != nil:
@@ -224,7 +270,16 @@ func (b *billing) start(ctx actor.Context, m startRental) (*fleet.Rental, bool, 
 		idem = &fleet.Idempotency{UserID: m.renterID, Key: m.idemKey, BodyHash: m.bodyHash, RentalID: r.ID, CreatedAt: now}
 	}
 	if err := b.cfg.Rentals.CreateRental(c, r, idem); err != nil {
+		if fleet.ErrorCode(err) == fleet.ECONFLICT && idem == nil {
+			return nil, false, fleet.Errorf(fleet.ECONFLICT, "Node is already rented.")
+		}
 		return nil, false, err
+	}
+	if p, _ := b.view.get(r.NodeID); !p.Online {
+		// Another member holds the node: its billing takes the rental on.
+		ctx.Send(ctx.Parent(), syncElsewhere{nodeID: r.NodeID})
+		b.cfg.Logger.Info("rental started", "rental_id", r.ID, "node_id", r.NodeID, "renter_id", r.RenterID, "held_by", "another member")
+		return r, false, nil
 	}
 	b.live[r.NodeID] = r
 	b.rented.Store(r.NodeID, r.ID)
@@ -245,6 +300,9 @@ func (b *billing) stop(ctx actor.Context, m stopRental) (*fleet.Rental, error) {
 		return nil, fleet.Errorf(fleet.ENOTFOUND, "Rental not found.")
 	}
 	live := b.live[r.NodeID]
+	if (live == nil || live.ID != r.ID) && b.clustered() && r.Live() {
+		return b.stopElsewhere(ctx, m, r)
+	}
 	if live == nil || live.ID != r.ID {
 		return nil, fleet.Errorf(fleet.ECONFLICT, "Rental has already ended (%s).", r.Status)
 	}
@@ -254,6 +312,108 @@ func (b *billing) stop(ctx actor.Context, m stopRental) (*fleet.Rental, error) {
 	}
 	b.end(ctx, live, fleet.RentalStopped, reason, b.cfg.Now().UTC())
 	return live, nil
+}
+
+// stopElsewhere stops a rental whose node this member does not hold: the
+// store's transaction decides, and the holder is told.
+func (b *billing) stopElsewhere(ctx actor.Context, m stopRental, r *fleet.Rental) (*fleet.Rental, error) {
+	c, cancel := b.ctx()
+	defer cancel()
+	reason := "stopped by renter"
+	if m.userID == r.OwnerID {
+		reason = "stopped by owner"
+	}
+	now := b.cfg.Now().UTC()
+	ended, err := b.cfg.Rentals.UpdateRental(c, r.ID, func(x *fleet.Rental) error {
+		if !x.Live() {
+			return fleet.Errorf(fleet.ECONFLICT, "Rental has already ended (%s).", x.Status)
+		}
+		x.End(fleet.RentalStopped, reason, now)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	ctx.Send(ctx.Parent(), syncElsewhere{nodeID: r.NodeID})
+	return ended, nil
+}
+
+// heldElsewhere asks the node's grain, in a cluster, whether another
+// member's actor holds the node now.
+func (b *billing) heldElsewhere(nodeID string) bool {
+	if !b.clustered() {
+		return false
+	}
+	res, err := b.sys.cluster.Request(nodeID, nodeKind, &fleetpb.WhoHolds{NodeId: nodeID})
+	h, ok := res.(*fleetpb.Holder)
+	return err == nil && ok && h.Address != "" && h.Address != b.sys.sys.Address()
+}
+
+// sync re-reads a node's rental after another member changed it: started
+// it, or ended it.
+func (b *billing) sync(ctx actor.Context, nodeID string) {
+	c, cancel := b.ctx()
+	defer cancel()
+	r, err := b.cfg.Rentals.LiveRentalByNode(c, nodeID)
+	if err == nil {
+		b.live[nodeID] = r
+		b.rented.Store(nodeID, r.ID)
+		now := b.cfg.Now()
+		if p, _ := b.view.get(nodeID); p.Online && r.Status == fleet.RentalPaused {
+			b.save(r, func(x *fleet.Rental) { x.Resume(now) })
+		}
+		b.arm(ctx, r, now)
+		b.notify(ctx, r)
+		return
+	}
+	if old := b.live[nodeID]; old != nil {
+		delete(b.live, nodeID)
+		b.rented.Delete(nodeID)
+		b.disarm(nodeID)
+		if ended, err := b.cfg.Rentals.Rental(c, old.ID); err == nil {
+			b.notify(ctx, ended)
+		}
+	}
+}
+
+// sweep is the cluster's safety net for rentals whose node no member
+// holds (its coordinator died, say): it pauses them at the last heartbeat
+// known and ends them as interrupted after LostAfter. Every member sweeps;
+// the store's transactions make it harmless that they overlap.
+type sweep struct{}
+
+func (b *billing) sweepLater(ctx actor.Context) {
+	self, root := ctx.Self(), ctx.ActorSystem().Root
+	b.sweeper = time.AfterFunc(b.cfg.HeartbeatDeadline, func() { root.Send(self, sweep{}) })
+}
+
+func (b *billing) sweep(ctx actor.Context) {
+	c, cancel := b.ctx()
+	defer cancel()
+	rentals, err := b.cfg.Rentals.LiveRentals(c)
+	if err != nil {
+		b.cfg.Logger.Warn("sweeping rentals failed", "error", err)
+		return
+	}
+	now := b.cfg.Now()
+	for _, r := range rentals {
+		if p, _ := b.view.get(r.NodeID); p.Online || b.sys.Presence(r.NodeID).Online {
+			continue // held by this member, or by one that is alive
+		}
+		lastSeen := b.lastSeen(c, r.NodeID, time.Time{})
+		_, err := b.cfg.Rentals.UpdateRental(c, r.ID, func(x *fleet.Rental) error {
+			if x.Status == fleet.RentalActive {
+				x.Pause(lastSeen)
+			}
+			if n := len(x.Intervals); x.Status == fleet.RentalPaused && n > 0 && !now.Before(x.Intervals[n-1].End.Add(b.cfg.LostAfter)) {
+				x.End(fleet.RentalInterrupted, "node unreachable for "+b.cfg.LostAfter.String(), now.UTC())
+			}
+			return nil
+		})
+		if err != nil {
+			b.cfg.Logger.Warn("sweeping a rental failed", "rental_id", r.ID, "error", err)
+		}
+	}
 }
 
 func (b *billing) deleteNode(ctx actor.Context, m deleteNode) error {
@@ -272,7 +432,6 @@ func (b *billing) deleteNode(ctx actor.Context, m deleteNode) error {
 	if err := b.cfg.Nodes.DeleteNode(c, m.nodeID); err != nil {
 		return err
 	}
-	delete(b.pendingStops, m.nodeID)
 	ctx.Send(ctx.Parent(), kick{nodeID: m.nodeID, code: fleet.CloseKeyRevoked})
 	return nil
 }
@@ -283,13 +442,26 @@ func (b *billing) end(ctx actor.Context, r *fleet.Rental, status, reason string,
 	delete(b.live, r.NodeID)
 	b.rented.Delete(r.NodeID)
 	b.disarm(r.NodeID)
-	b.pendingStops[r.NodeID] = append(b.pendingStops[r.NodeID], r)
 	b.notify(ctx, r)
 	secs, cost := r.Figures(at)
 	b.cfg.Logger.Info("rental ended", "rental_id", r.ID, "status", status, "reason", reason, "billable_seconds", secs, "cost_cents", cost)
 }
 
 func (b *billing) online(ctx actor.Context, m nodeOnline) {
+	if b.clustered() {
+		c, cancel := b.ctx()
+		if r, err := b.cfg.Rentals.LiveRentalByNode(c, m.nodeID); err == nil {
+			if r.Status == fleet.RentalActive {
+				// Left open by a member that died holding the node: close it
+				// at the last heartbeat anyone saw, then resume now.
+				seen := b.lastSeen(c, m.nodeID, time.Time{})
+				b.save(r, func(x *fleet.Rental) { x.Pause(seen) })
+			}
+			b.live[m.nodeID] = r
+			b.rented.Store(m.nodeID, r.ID)
+		}
+		cancel()
+	}
 	if r := b.live[m.nodeID]; r != nil {
 		if r.Status == fleet.RentalPaused {
 			b.save(r, func(x *fleet.Rental) { x.Resume(m.at) })
@@ -301,9 +473,7 @@ func (b *billing) online(ctx actor.Context, m nodeOnline) {
 		r.NotifiedStart = false
 		b.notify(ctx, r)
 	}
-	for _, r := range append([]*fleet.Rental(nil), b.pendingStops[m.nodeID]...) {
-		b.notify(ctx, r)
-	}
+	b.notifyEnded(ctx, m.nodeID)
 }
 
 // reconcile pauses active rentals whose node the view no longer shows
@@ -321,6 +491,13 @@ func (b *billing) reconcile(ctx actor.Context) {
 func (b *billing) offline(ctx actor.Context, m nodeOffline) {
 	r := b.live[m.nodeID]
 	if r == nil || r.Status != fleet.RentalActive {
+		return
+	}
+	if b.heldElsewhere(m.nodeID) {
+		// The agent moved to another member, whose billing carries on.
+		delete(b.live, m.nodeID)
+		b.rented.Delete(m.nodeID)
+		b.disarm(m.nodeID)
 		return
 	}
 	b.save(r, func(x *fleet.Rental) { x.Pause(m.lastSeen) })
@@ -368,6 +545,19 @@ func (b *billing) timerFired(ctx actor.Context, m rentalTimer) {
 	}
 	delete(b.timers, m.nodeID)
 	now := b.cfg.Now()
+	if b.clustered() {
+		c, cancel := b.ctx()
+		fresh, err := b.cfg.Rentals.Rental(c, r.ID)
+		cancel()
+		p, _ := b.view.get(m.nodeID)
+		if err != nil || !fresh.Live() || (!p.Online && b.sys.Presence(m.nodeID).Online) {
+			// Ended, or taken over by the member that holds the node now.
+			delete(b.live, m.nodeID)
+			b.rented.Delete(m.nodeID)
+			return
+		}
+		*r = *fresh
+	}
 	switch r.Status {
 	case fleet.RentalActive:
 		at := r.CompletesAt(now)
@@ -399,17 +589,27 @@ func (b *billing) notify(ctx actor.Context, r *fleet.Rental) {
 		ctx.Send(ctx.Parent(), deliver{nodeID: r.NodeID, event: fleet.EventRentalStopped, data: fleet.RentalStoppedEvent{
 			RentalID: r.ID, Reason: r.EndReason}})
 		b.save(r, func(x *fleet.Rental) { x.NotifiedStop = true })
-		stops := b.pendingStops[r.NodeID]
-		for i, s := range stops {
-			if s.ID == r.ID {
-				stops = append(stops[:i], stops[i+1:]...)
-				break
-			}
-		}
-		if len(stops) == 0 {
-			delete(b.pendingStops, r.NodeID)
-		} else {
-			b.pendingStops[r.NodeID] = stops
+	}
+}
+
+// notifyEnded tells a node that just connected about its rentals that
+// ended while it could not hear it; the store remembers which those are, so
+// restarts and other members' work are covered.
+func (b *billing) notifyEnded(ctx actor.Context, nodeID string) {
+	c, cancel := b.ctx()
+	defer cancel()
+	n, err := b.cfg.Nodes.Node(c, nodeID)
+	if err != nil {
+		return
+	}
+	rentals, err := b.cfg.Rentals.RentalsByOwner(c, n.OwnerID)
+	if err != nil {
+		b.cfg.Logger.Warn("listing rentals to notify failed", "node_id", nodeID, "error", err)
+		return
+	}
+	for _, r := range rentals {
+		if r.NodeID == nodeID && !r.Live() && !r.NotifiedStop {
+			b.notify(ctx, r)
 		}
 	}
 }

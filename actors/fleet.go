@@ -5,6 +5,7 @@ package actors
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,8 +15,10 @@ import (
 	"time"
 
 	"github.com/asynkron/protoactor-go/actor"
+	"github.com/asynkron/protoactor-go/cluster"
 
 	"github.com/distributedcompute/fleet"
+	fleetpb "github.com/distributedcompute/fleet/proto"
 )
 
 // Config is what the actor system needs. Zero durations and sizes take the
@@ -42,10 +45,13 @@ type Config struct {
 	// MaxEarlyHeartbeats is how far too-early heartbeats may outnumber
 	// timely ones before the connection is closed with 1008 (10).
 	MaxEarlyHeartbeats int
-	// Member names this coordinator in the live view.
+	// Member names this coordinator in the live view; in a cluster, its
+	// address.
 	Member string
-	Logger *slog.Logger
-	Now    func() time.Time
+	// Cluster, when set, makes this coordinator a cluster member.
+	Cluster *ClusterConfig
+	Logger  *slog.Logger
+	Now     func() time.Time
 }
 
 func (c *Config) setDefaults() {
@@ -76,6 +82,10 @@ func (c *Config) setDefaults() {
 	if c.Member == "" {
 		c.Member = "local"
 	}
+	if cc := c.Cluster; cc != nil {
+		def(&cc.StartTimeout, 15*time.Second)
+		def(&cc.BroadcastInterval, 250*time.Millisecond)
+	}
 }
 
 // System is the running actor system of one coordinator.
@@ -87,6 +97,10 @@ type System struct {
 	view     *view
 	rented   *sync.Map // node ID -> live rental ID, owned by the billing actor
 	stopping atomic.Bool
+	// In a cluster: the membership, and the other members' live views.
+	cluster       *cluster.Cluster
+	peers         *peers
+	stopBroadcast chan struct{}
 }
 
 // New starts the actor system.
@@ -100,14 +114,40 @@ func New(cfg Config) (*System, error) {
 		return log.With("component", "protoactor")
 	}))
 	s := &System{cfg: &cfg, sys: sys, view: newView(), rented: &sync.Map{}}
+	if cfg.Cluster != nil {
+		c, err := startCluster(sys, s.cfg)
+		if err != nil {
+			sys.Shutdown()
+			return nil, err
+		}
+		s.cluster = c
+		cfg.Member = sys.Address()
+		s.peers = &peers{cfg: s.cfg, cluster: c, local: s.view, rented: s.rented, members: map[string]*peerView{}}
+		if _, err := sys.Root.SpawnNamed(actor.PropsFromProducer(func() actor.Actor {
+			return &presenceActor{peers: s.peers}
+		}), "presence"); err != nil {
+			return nil, err
+		}
+	}
 	props := actor.PropsFromProducer(func() actor.Actor {
-		return &fleetActor{cfg: s.cfg, view: s.view, rented: s.rented}
+		return &fleetActor{cfg: s.cfg, view: s.view, rented: s.rented, sys: s}
 	}, actor.WithSupervisor(supervision{log: log}))
 	pid, err := sys.Root.SpawnNamed(props, "fleet")
 	if err != nil {
 		return nil, err
 	}
 	s.fleet, s.billing = pid, sys.NewLocalPID("fleet/billing")
+	if s.cluster != nil {
+		s.stopBroadcast = make(chan struct{})
+		go s.broadcastLoop()
+		// Grains re-activate elsewhere with no state when members come and
+		// go: the node actors attach again.
+		sys.EventStream.Subscribe(func(ev any) {
+			if _, ok := ev.(*cluster.ClusterTopology); ok {
+				sys.Root.Send(pid, reattachAll{})
+			}
+		})
+	}
 	return s, nil
 }
 
@@ -117,26 +157,68 @@ func (s *System) Connect(n *fleet.Node, keyHash []byte, c fleet.Conn) {
 	s.sys.Root.Send(s.fleet, accept{node: n, keyHash: keyHash, conn: c})
 }
 
-// Disconnect closes the node's live connection, if any, with code.
+// Disconnect closes the node's live connection, if any, with code,
+// whichever member holds it.
 func (s *System) Disconnect(nodeID string, code int) {
 	s.sys.Root.Send(s.fleet, kick{nodeID: nodeID, code: code})
+	s.command(&fleetpb.Command{NodeId: nodeID, CloseCode: int32(code)})
 }
 
-// Presence returns the node's live state.
+// command passes a command to the node's grain, in a cluster.
+func (s *System) command(c *fleetpb.Command) {
+	if s.cluster == nil {
+		return
+	}
+	go func() {
+		if _, err := s.cluster.Request(c.NodeId, nodeKind, c); err != nil {
+			s.cfg.Logger.Warn("cluster command failed", "node_id", c.NodeId, "error", err)
+		}
+	}()
+}
+
+// Presence returns the node's live state, wherever in the cluster it is.
 func (s *System) Presence(nodeID string) fleet.Presence {
 	p, _ := s.view.get(nodeID)
+	if p.Online {
+		_, p.Rented = s.rented.Load(nodeID)
+		return p
+	}
+	if s.peers != nil {
+		if rp, ok := s.peers.presence(nodeID); ok && (rp.Online || rp.LastSeenAt.After(p.LastSeenAt)) {
+			return rp
+		}
+	}
 	return p
 }
 
-// Online returns the live state of every connected node.
+// Online returns the live state of every connected node in the cluster.
 func (s *System) Online() map[string]fleet.Presence {
 	all := s.view.all()
 	for id, p := range all {
 		if !p.Online {
 			delete(all, id)
+			continue
 		}
+		_, p.Rented = s.rented.Load(id)
+		all[id] = p
+	}
+	if s.peers != nil {
+		s.peers.online(all)
 	}
 	return all
+}
+
+func (s *System) broadcastLoop() {
+	t := time.NewTicker(s.cfg.Cluster.BroadcastInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopBroadcast:
+			return
+		case <-t.C:
+			s.peers.broadcast(s.sys.Root)
+		}
+	}
 }
 
 // Connected returns how many node actors are running.
@@ -149,6 +231,12 @@ func (s *System) Connected() int {
 }
 
 type countNodes struct{}
+
+// reattachAll makes every node actor attach to its grain again.
+type reattachAll struct{}
+
+// syncElsewhere asks the member holding a node to re-read its rental.
+type syncElsewhere struct{ nodeID string }
 
 // StartRental rents a node for renterID (see the billing actor for the
 // rules). replayed is true when idemKey named an earlier identical request.
@@ -172,8 +260,10 @@ func (s *System) DeleteNode(ctx context.Context, userID, nodeID string) error {
 
 // Rented reports whether the node has a live rental.
 func (s *System) Rented(nodeID string) bool {
-	_, ok := s.rented.Load(nodeID)
-	return ok
+	if _, ok := s.rented.Load(nodeID); ok {
+		return true
+	}
+	return s.Presence(nodeID).Rented
 }
 
 func (s *System) ask(ctx context.Context, msg any) (billingResult, error) {
@@ -211,6 +301,11 @@ func (s *System) Shutdown(ctx context.Context) error {
 		break
 	}
 	_ = s.sys.Root.StopFuture(s.fleet).Wait()
+	if s.cluster != nil {
+		close(s.stopBroadcast)
+		s.cluster.Shutdown(true)
+		return err
+	}
 	s.sys.Shutdown()
 	return err
 }
@@ -223,6 +318,7 @@ type fleetActor struct {
 	registry *actor.PID
 	billing  *actor.PID
 	rented   *sync.Map
+	sys      *System
 	nodes    map[string]*actor.PID // node ID -> its actor
 	ids      map[*actor.PID]string
 	pending  map[string]accept // a new connection waiting for the old actor to stop
@@ -235,7 +331,7 @@ func (f *fleetActor) Receive(ctx actor.Context) {
 		f.nodes, f.ids, f.pending = map[string]*actor.PID{}, map[*actor.PID]string{}, map[string]accept{}
 		// Names are only taken in a fleet that already ran, which cannot be.
 		bill, err := ctx.SpawnNamed(actor.PropsFromProducer(func() actor.Actor {
-			return &billing{cfg: f.cfg, view: f.view, rented: f.rented}
+			return &billing{cfg: f.cfg, view: f.view, rented: f.rented, sys: f.sys}
 		}), "billing")
 		if err != nil {
 			panic(err)
@@ -273,6 +369,14 @@ func (f *fleetActor) Receive(ctx actor.Context) {
 	case deliver:
 		if pid, ok := f.nodes[m.nodeID]; ok {
 			ctx.Send(pid, m)
+		} else if data, err := json.Marshal(m.data); err == nil {
+			f.sys.command(&fleetpb.Command{NodeId: m.nodeID, Event: m.event, Data: data})
+		}
+	case syncElsewhere:
+		f.sys.command(&fleetpb.Command{NodeId: m.nodeID, SyncBilling: true})
+	case reattachAll:
+		for _, pid := range f.nodes {
+			ctx.Send(pid, reattachAll{})
 		}
 	case countNodes:
 		ctx.Respond(len(f.nodes))
@@ -311,7 +415,7 @@ func (f *fleetActor) accept(ctx actor.Context, a accept) {
 
 func (f *fleetActor) spawn(ctx actor.Context, a accept) {
 	props := actor.PropsFromProducer(func() actor.Actor {
-		return &nodeActor{cfg: f.cfg, node: a.node, keyHash: a.keyHash, conn: a.conn, registry: f.registry}
+		return &nodeActor{cfg: f.cfg, node: a.node, keyHash: a.keyHash, conn: a.conn, registry: f.registry, cluster: f.sys.cluster}
 	})
 	pid, err := ctx.SpawnNamed(props, a.node.ID)
 	if err != nil {

@@ -10,8 +10,10 @@ import (
 	"time"
 
 	"github.com/asynkron/protoactor-go/actor"
+	"github.com/asynkron/protoactor-go/cluster"
 
 	"github.com/distributedcompute/fleet"
+	fleetpb "github.com/distributedcompute/fleet/proto"
 )
 
 // Reasons recorded when a session ends.
@@ -35,6 +37,7 @@ type nodeActor struct {
 	keyHash  []byte
 	conn     fleet.Conn
 	registry *actor.PID
+	cluster  *cluster.Cluster // nil for a lone coordinator
 
 	out            chan fleet.Frame
 	closed         atomic.Bool // the reader stops forwarding once set
@@ -69,6 +72,12 @@ func (n *nodeActor) Receive(ctx actor.Context) {
 		n.stop(ctx, m.code, fleet.CloseReason(m.code), nil)
 	case deliver:
 		n.send(ctx, m.event, nil, m.data)
+	case *fleetpb.Deliver:
+		n.send(ctx, m.Event, nil, json.RawMessage(m.Data))
+	case *fleetpb.Kick:
+		n.stop(ctx, int(m.CloseCode), fleet.CloseReason(int(m.CloseCode)), nil)
+	case reattachAll:
+		n.grain(&fleetpb.Attach{NodeId: n.node.ID, Address: ctx.Self().Address, ActorId: ctx.Self().Id})
 	case reportPresence:
 		ctx.Send(n.registry, nodeUp{nodeID: n.node.ID, pid: ctx.Self(), connectedSince: n.connectedSince,
 			lastSeen: n.lastSeen, metrics: n.metrics})
@@ -107,7 +116,24 @@ func (n *nodeActor) start(ctx actor.Context) {
 		ServerTime:             now.UTC(),
 	})
 	ctx.Send(n.registry, nodeUp{nodeID: n.node.ID, pid: self, connectedSince: now, lastSeen: now})
+	// One connection per node in the whole cluster: the grain closes any
+	// other member's with 4009.
+	n.grain(&fleetpb.Attach{NodeId: n.node.ID, Address: self.Address, ActorId: self.Id})
 	n.cfg.Logger.Info("agent connected", "node_id", n.node.ID, "remote", n.conn.RemoteAddr())
+}
+
+// grain sends msg to the node's grain, in a cluster, without blocking the
+// actor.
+func (n *nodeActor) grain(msg any) {
+	if n.cluster == nil {
+		return
+	}
+	c, id, log := n.cluster, n.node.ID, n.cfg.Logger
+	go func() {
+		if _, err := c.Request(id, nodeKind, msg); err != nil {
+			log.Warn("node grain request failed", "node_id", id, "error", err)
+		}
+	}()
 }
 
 func (n *nodeActor) readLoop(root *actor.RootContext, self *actor.PID) {
@@ -265,6 +291,7 @@ func (n *nodeActor) finish(ctx actor.Context) {
 		return // never fully started: no session, nothing to report
 	}
 	ctx.Send(n.registry, nodeDown{nodeID: n.node.ID, pid: ctx.Self(), lastSeen: n.lastSeen})
+	n.grain(&fleetpb.Detach{NodeId: n.node.ID, Address: ctx.Self().Address, ActorId: ctx.Self().Id})
 	c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := n.cfg.Sessions.CloseSession(c, n.node.ID, n.lastSeen, n.closeReason); err != nil {

@@ -256,7 +256,11 @@ func LoadDevKeys(dir string) (*DevKeys, error) {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return nil, err
 		}
-		if err := writeFileAtomic(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})); err != nil {
+		switch err := createFileAtomic(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})); {
+		case errors.Is(err, os.ErrExist):
+			// Another process sharing the directory made it first: use theirs.
+			return LoadDevKeys(dir)
+		case err != nil:
 			return nil, fmt.Errorf("write dev signing key: %w", err)
 		}
 	default:
@@ -298,7 +302,9 @@ func (d *DevKeys) Mint(userID string, ttl time.Duration) (string, error) {
 	return josejwt.Signed(signer).Claims(claims).CompactSerialize()
 }
 
-func writeFileAtomic(path string, data []byte) error {
+// createFileAtomic writes data to path only if path does not exist, and
+// never leaves a half-written file there.
+func createFileAtomic(path string, data []byte) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
 	if err != nil {
 		return err
@@ -319,7 +325,7 @@ func writeFileAtomic(path string, data []byte) error {
 	if err := tmp.Close(); err != nil {
 		return err
 	}
-	return os.Rename(tmp.Name(), path)
+	return os.Link(tmp.Name(), path)
 }
 
 const ctxUserKey = "user_id"

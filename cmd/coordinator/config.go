@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -39,6 +40,13 @@ type config struct {
 	HeartbeatMinInterval time.Duration
 	MaxFrameBytes        int
 	LostAfter            time.Duration
+
+	// Cluster mode (CLUSTER=etcd): several coordinators as one.
+	Cluster              string
+	EtcdEndpoints        []string
+	ClusterName          string
+	ClusterAdvertiseHost string
+	ClusterPort          int
 }
 
 // settingError names the setting at fault, so that start-up fails with one
@@ -142,6 +150,25 @@ func loadConfig(getenv func(string) string, serving bool) (*config, error) {
 		MaxFrameBytes:        int(e.integer("MAX_FRAME_BYTES", 64<<10, 1024, 1<<20)),
 		LostAfter:            e.duration("LOST_AFTER", 2*time.Minute, time.Second, 7*24*time.Hour),
 	}
+	c.Cluster = e.str("CLUSTER", "")
+	if c.Cluster != "" && c.Cluster != "etcd" {
+		e.fail("CLUSTER", fmt.Sprintf("must be etcd or unset, got %q", c.Cluster))
+	}
+	c.EtcdEndpoints = e.list("ETCD_ENDPOINTS")
+	if len(c.EtcdEndpoints) == 0 {
+		c.EtcdEndpoints = []string{"http://127.0.0.1:2379"}
+	}
+	for _, ep := range c.EtcdEndpoints {
+		if u, err := url.Parse(ep); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			e.fail("ETCD_ENDPOINTS", fmt.Sprintf("must list URLs like http://127.0.0.1:2379, got %q", ep))
+		}
+	}
+	c.ClusterName = e.str("CLUSTER_NAME", "distributedcompute")
+	if !regionPattern.MatchString(c.ClusterName) {
+		e.fail("CLUSTER_NAME", "must be lowercase letters, digits and dashes")
+	}
+	c.ClusterAdvertiseHost = e.str("CLUSTER_ADVERTISE_HOST", "127.0.0.1")
+	c.ClusterPort = int(e.integer("CLUSTER_PORT", 4100, 1, 65535))
 	if c.LostAfter <= c.HeartbeatDeadline {
 		e.fail("LOST_AFTER", "must be longer than HEARTBEAT_DEADLINE")
 	}
@@ -198,3 +225,5 @@ func loadConfig(getenv func(string) string, serving bool) (*config, error) {
 }
 
 var errUsage = errors.New("usage")
+
+var regionPattern = regexp.MustCompile(`^[a-z0-9]+(-[a-z0-9]+)*$`)

@@ -23,6 +23,7 @@ import (
 
 	"github.com/joho/godotenv"
 
+	"github.com/distributedcompute/fleet"
 	"github.com/distributedcompute/fleet/actors"
 	fleethttp "github.com/distributedcompute/fleet/http"
 	"github.com/distributedcompute/fleet/persistence"
@@ -128,16 +129,40 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 	}
 	log := newLogger(cfg, stderr)
 
-	store, err := persistence.Open(filepath.Join(cfg.DataDir, "coordinator.db"))
-	if err != nil {
-		return fmt.Errorf("open store: %w", err)
+	var store interface {
+		fleet.NodeStore
+		fleet.SessionStore
+		fleet.RentalStore
+		Close() error
+	}
+	var clusterCfg *actors.ClusterConfig
+	if cfg.Cluster == "etcd" {
+		// Members share one store in etcd; there is no crash clean-up of
+		// sessions here, as the others' sessions are open in it too: a
+		// node's stale session closes when it connects again.
+		oc, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		es, err := persistence.OpenEtcd(oc, persistence.EtcdConfig{Endpoints: cfg.EtcdEndpoints,
+			Prefix: "/distributedcompute/" + cfg.ClusterName + "/data/", DialTimeout: 5 * time.Second})
+		cancel()
+		if err != nil {
+			return fmt.Errorf("open cluster store: %w", err)
+		}
+		store = es
+		clusterCfg = &actors.ClusterConfig{Name: cfg.ClusterName, EtcdEndpoints: cfg.EtcdEndpoints,
+			AdvertiseHost: cfg.ClusterAdvertiseHost, Port: cfg.ClusterPort}
+	} else {
+		bs, err := persistence.Open(filepath.Join(cfg.DataDir, "coordinator.db"))
+		if err != nil {
+			return fmt.Errorf("open store: %w", err)
+		}
+		store = bs
+		// Sessions left open by a crash end at their last checkpoint.
+		if err := bs.CloseOpenSessions(context.Background(), "coordinator restarted"); err != nil {
+			return fmt.Errorf("close sessions left open: %w", err)
+		}
 	}
 	defer store.Close()
 
-	// Sessions left open by a crash end at their last checkpoint.
-	if err := store.CloseOpenSessions(context.Background(), "coordinator restarted"); err != nil {
-		return fmt.Errorf("close sessions left open: %w", err)
-	}
 	system, err := actors.New(actors.Config{
 		Nodes:                store,
 		Sessions:             store,
@@ -146,6 +171,7 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 		HeartbeatDeadline:    cfg.HeartbeatDeadline,
 		HeartbeatMinInterval: cfg.HeartbeatMinInterval,
 		Logger:               log,
+		Cluster:              clusterCfg,
 	})
 	if err != nil {
 		return err
@@ -190,7 +216,7 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 		return fmt.Errorf("listen on PORT %d: %w", cfg.Port, err)
 	}
 	log.Info("coordinator listening", "addr", l.Addr().String(), "version", buildVersion(),
-		"auth_mode", cfg.AuthMode, "data_dir", cfg.DataDir, "tls", cfg.TLSCertFile != "")
+		"auth_mode", cfg.AuthMode, "data_dir", cfg.DataDir, "tls", cfg.TLSCertFile != "", "cluster", cfg.Cluster != "")
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l, cfg.TLSCertFile, cfg.TLSKeyFile) }()

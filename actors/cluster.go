@@ -37,20 +37,126 @@ type ClusterConfig struct {
 // nodeKind is the grain kind of the per-node directory.
 const nodeKind = "node"
 
-// startCluster joins the cluster, or fails within StartTimeout.
-func startCluster(sys *actor.ActorSystem, cfg *Config) (*cluster.Cluster, error) {
-	cc := cfg.Cluster
-	provider, err := etcd.NewWithConfig("/distributedcompute/cluster", clientv3.Config{
-		Endpoints:   cc.EtcdEndpoints,
-		DialTimeout: 5 * time.Second,
-		Logger:      zap.NewNop(),
-	})
-	if err != nil {
-		return nil, fmt.Errorf("cluster: etcd client: %w", err)
+// Membership is a coordinator's place in the cluster: its actor system,
+// joined. Join it before opening anything else that speaks gRPC (the etcd
+// store): upstream remoting swaps gRPC's global logger as it starts, which
+// races with gRPC clients already running.
+type Membership struct {
+	sys     *actor.ActorSystem
+	cluster *cluster.Cluster
+
+	// The other members' addresses, from topology events: the upstream
+	// member list may not be read from another goroutine.
+	mu       sync.Mutex
+	others   []string
+	onChange func()
+}
+
+// topology records the members of a topology event.
+func (m *Membership) topology(t *cluster.ClusterTopology) {
+	self := m.sys.Address()
+	var others []string
+	for _, mem := range t.Members {
+		if a := mem.Address(); a != self {
+			others = append(others, a)
+		}
 	}
+	m.mu.Lock()
+	m.others = others
+	onChange := m.onChange
+	m.mu.Unlock()
+	if onChange != nil {
+		onChange()
+	}
+}
+
+// leave takes this member out of the cluster: deregistered from etcd,
+// remoting and the actor system stopped.
+func (m *Membership) leave() {
+	if p, ok := m.cluster.Config.ClusterProvider.(*lazyEtcd); ok {
+		_ = p.Shutdown(true)
+	}
+	m.cluster.Shutdown(false)
+}
+
+// peers returns the other members' addresses.
+func (m *Membership) peers() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.others
+}
+
+// notify sets what to do when the members change.
+func (m *Membership) notify(fn func()) {
+	m.mu.Lock()
+	m.onChange = fn
+	m.mu.Unlock()
+}
+
+// Join starts an actor system and makes it a member of the cluster, or
+// fails within cfg.StartTimeout (upstream StartMember hangs while etcd is
+// unreachable).
+func Join(cc ClusterConfig, log *slog.Logger) (*Membership, error) {
+	if cc.StartTimeout <= 0 {
+		cc.StartTimeout = 15 * time.Second
+	}
+	sys := actor.NewActorSystem(actor.WithLoggerFactory(func(*actor.ActorSystem) *slog.Logger {
+		return log.With("component", "protoactor")
+	}))
+	m := &Membership{sys: sys}
+	// Subscribed before joining, so the first topology is not missed.
+	sys.EventStream.Subscribe(func(ev any) {
+		if t, ok := ev.(*cluster.ClusterTopology); ok {
+			m.topology(t)
+		}
+	})
+	c, err := startCluster(sys, &cc, log)
+	if err != nil {
+		sys.Shutdown()
+		return nil, err
+	}
+	m.cluster = c
+	return m, nil
+}
+
+// lazyEtcd is protoactor's etcd provider, created only when the member
+// starts, after remoting has set gRPC up.
+type lazyEtcd struct {
+	cfg clientv3.Config
+	p   *etcd.Provider
+}
+
+func (l *lazyEtcd) StartMember(c *cluster.Cluster) error {
+	p, err := etcd.NewWithConfig("/distributedcompute/cluster", l.cfg)
+	if err != nil {
+		return fmt.Errorf("etcd client: %w", err)
+	}
+	l.p = p
+	return p.StartMember(c)
+}
+
+func (l *lazyEtcd) StartClient(c *cluster.Cluster) error {
+	p, err := etcd.NewWithConfig("/distributedcompute/cluster", l.cfg)
+	if err != nil {
+		return fmt.Errorf("etcd client: %w", err)
+	}
+	l.p = p
+	return p.StartClient(c)
+}
+
+func (l *lazyEtcd) Shutdown(graceful bool) error {
+	if l.p == nil {
+		return nil
+	}
+	return l.p.Shutdown(graceful)
+}
+
+// startCluster joins the cluster, or fails within StartTimeout.
+func startCluster(sys *actor.ActorSystem, cc *ClusterConfig, log *slog.Logger) (*cluster.Cluster, error) {
+	provider := &lazyEtcd{cfg: clientv3.Config{Endpoints: cc.EtcdEndpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()}}
 	rc := remote.Configure("0.0.0.0", cc.Port, remote.WithAdvertisedHost(fmt.Sprintf("%s:%d", cc.AdvertiseHost, cc.Port)))
 	kind := cluster.NewKind(nodeKind, actor.PropsFromProducer(func() actor.Actor {
-		return &nodeGrain{log: cfg.Logger}
+		return &nodeGrain{log: log}
 	}))
 	c := cluster.New(sys, cluster.Configure(cc.Name, provider, disthash.New(), rc,
 		cluster.WithKinds(kind), cluster.WithRequestTimeout(5*time.Second)))
@@ -132,8 +238,9 @@ type peers struct {
 	mu      sync.RWMutex
 	members map[string]*peerView // member address -> what it reported
 
-	sent     map[string]fleet.Presence // what we last told the others
-	lastFull time.Time
+	sent       map[string]fleet.Presence // what we last told the others
+	lastFull   time.Time
+	membership *Membership
 }
 
 type peerView struct {
@@ -229,11 +336,8 @@ func (p *peers) broadcast(root *actor.RootContext) {
 		p.lastFull = now
 	}
 	p.sent = cur
-	self := p.cluster.ActorSystem.Address()
-	for _, m := range p.cluster.MemberList.Members().Members() {
-		if addr := m.Address(); addr != self {
-			root.Send(actor.NewPID(addr, "presence"), d)
-		}
+	for _, addr := range p.membership.peers() {
+		root.Send(actor.NewPID(addr, "presence"), d)
 	}
 	p.mu.Lock()
 	for addr, v := range p.members {

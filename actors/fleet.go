@@ -48,10 +48,12 @@ type Config struct {
 	// Member names this coordinator in the live view; in a cluster, its
 	// address.
 	Member string
-	// Cluster, when set, makes this coordinator a cluster member.
-	Cluster *ClusterConfig
-	Logger  *slog.Logger
-	Now     func() time.Time
+	// Cluster, when set, makes this coordinator a cluster member, with the
+	// membership Join returned for it.
+	Cluster    *ClusterConfig
+	Membership *Membership
+	Logger     *slog.Logger
+	Now        func() time.Time
 }
 
 func (c *Config) setDefaults() {
@@ -110,19 +112,22 @@ func New(cfg Config) (*System, error) {
 		return nil, errors.New("actors: Nodes, Sessions and Rentals are required")
 	}
 	log := cfg.Logger
-	sys := actor.NewActorSystem(actor.WithLoggerFactory(func(*actor.ActorSystem) *slog.Logger {
-		return log.With("component", "protoactor")
-	}))
+	if cfg.Cluster != nil && cfg.Membership == nil {
+		return nil, errors.New("actors: a cluster member needs the Membership from Join")
+	}
+	var sys *actor.ActorSystem
+	if cfg.Membership != nil {
+		sys = cfg.Membership.sys
+	} else {
+		sys = actor.NewActorSystem(actor.WithLoggerFactory(func(*actor.ActorSystem) *slog.Logger {
+			return log.With("component", "protoactor")
+		}))
+	}
 	s := &System{cfg: &cfg, sys: sys, view: newView(), rented: &sync.Map{}}
 	if cfg.Cluster != nil {
-		c, err := startCluster(sys, s.cfg)
-		if err != nil {
-			sys.Shutdown()
-			return nil, err
-		}
-		s.cluster = c
+		s.cluster = cfg.Membership.cluster
 		cfg.Member = sys.Address()
-		s.peers = &peers{cfg: s.cfg, cluster: c, local: s.view, rented: s.rented, members: map[string]*peerView{}}
+		s.peers = &peers{cfg: s.cfg, cluster: s.cluster, membership: cfg.Membership, local: s.view, rented: s.rented, members: map[string]*peerView{}}
 		if _, err := sys.Root.SpawnNamed(actor.PropsFromProducer(func() actor.Actor {
 			return &presenceActor{peers: s.peers}
 		}), "presence"); err != nil {
@@ -142,11 +147,7 @@ func New(cfg Config) (*System, error) {
 		go s.broadcastLoop()
 		// Grains re-activate elsewhere with no state when members come and
 		// go: the node actors attach again.
-		sys.EventStream.Subscribe(func(ev any) {
-			if _, ok := ev.(*cluster.ClusterTopology); ok {
-				sys.Root.Send(pid, reattachAll{})
-			}
-		})
+		cfg.Membership.notify(func() { sys.Root.Send(pid, reattachAll{}) })
 	}
 	return s, nil
 }
@@ -303,7 +304,11 @@ func (s *System) Shutdown(ctx context.Context) error {
 	_ = s.sys.Root.StopFuture(s.fleet).Wait()
 	if s.cluster != nil {
 		close(s.stopBroadcast)
-		s.cluster.Shutdown(true)
+		// Leave by removing our etcd key ourselves rather than through the
+		// upstream graceful shutdown, whose gossip of the leave races in
+		// the members that stay (a data race inside protoactor's block
+		// list at the pinned version). The agents are gone already.
+		s.cfg.Membership.leave()
 		return err
 	}
 	s.sys.Shutdown()

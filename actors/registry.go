@@ -33,9 +33,8 @@ func (r *registry) Receive(ctx actor.Context) {
 		ctx.Send(ctx.Parent(), rebuild{})
 		// Once the node actors have reported, billing checks that no rental
 		// bills a node whose disconnect the failed registry swallowed.
-		bill, root := r.billing, ctx.ActorSystem().Root
+		bill, self, root := r.billing, ctx.Self(), ctx.ActorSystem().Root
 		time.AfterFunc(time.Second, func() { root.Send(bill, reconcile{}) })
-		self, root := ctx.Self(), ctx.ActorSystem().Root
 		r.timer = time.AfterFunc(r.cfg.CheckpointInterval, func() { root.Send(self, checkpoint{}) })
 	case *actor.Stopping, *actor.Restarting:
 		if r.timer != nil {

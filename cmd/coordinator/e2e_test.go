@@ -17,38 +17,54 @@ import (
 	"time"
 )
 
+// build is one set of binaries, built once per test run.
+type build struct {
+	once sync.Once
+	dir  string
+	err  error
+	race bool
+}
+
 var (
-	buildOnce sync.Once
-	binDir    string
-	buildErr  error
+	raceBuild  = &build{race: true}
+	plainBuild = &build{}
 )
 
-// binaries builds coordinator and agent once per test run.
-func binaries(t *testing.T) string {
+func (b *build) get(t *testing.T) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		binDir, buildErr = os.MkdirTemp("", "fleet-bin-")
-		if buildErr != nil {
+	b.once.Do(func() {
+		b.dir, b.err = os.MkdirTemp("", "fleet-bin-")
+		if b.err != nil {
 			return
 		}
 		for _, name := range []string{"coordinator", "agent"} {
-			out, err := exec.Command("go", "build", "-race", "-o", filepath.Join(binDir, name), "github.com/distributedcompute/fleet/cmd/"+name).CombinedOutput()
+			args := []string{"build", "-o", filepath.Join(b.dir, name)}
+			if b.race {
+				args = append(args, "-race")
+			}
+			out, err := exec.Command("go", append(args, "github.com/distributedcompute/fleet/cmd/"+name)...).CombinedOutput()
 			if err != nil {
-				buildErr = fmt.Errorf("build %s: %v\n%s", name, err, out)
+				b.err = fmt.Errorf("build %s: %v\n%s", name, err, out)
 				return
 			}
 		}
 	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	return binDir
+	return b.dir
 }
+
+// binaries are built with the race detector, so that the end-to-end tests
+// check the real processes for races too.
+func binaries(t *testing.T) string { return raceBuild.get(t) }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
+	for _, b := range []*build{raceBuild, plainBuild} {
+		if b.dir != "" {
+			os.RemoveAll(b.dir)
+		}
 	}
 	os.Exit(code)
 }
@@ -71,6 +87,7 @@ type coordinator struct {
 	dataDir string
 	port    int
 	env     []string
+	plain   bool // built without the race detector
 	logs    *lockedBuffer
 	exited  chan struct{}
 }
@@ -96,8 +113,13 @@ func (l *lockedBuffer) String() string {
 // until /readyz answers.
 func startCoordinator(t *testing.T, dataDir string, extraEnv ...string) *coordinator {
 	t.Helper()
+	return launch(t, dataDir, false, extraEnv...)
+}
+
+func launch(t *testing.T, dataDir string, plain bool, extraEnv ...string) *coordinator {
+	t.Helper()
 	port := freePort(t)
-	c := &coordinator{t: t, dataDir: dataDir, port: port, url: fmt.Sprintf("http://127.0.0.1:%d", port), logs: &lockedBuffer{}}
+	c := &coordinator{t: t, dataDir: dataDir, port: port, url: fmt.Sprintf("http://127.0.0.1:%d", port), logs: &lockedBuffer{}, plain: plain}
 	c.env = append(os.Environ(), "AUTH_MODE=dev", "DATA_DIR="+dataDir, fmt.Sprintf("PORT=%d", port), "LOG_LEVEL=debug",
 		"RATE_LIMIT_RPS=1000", "RATE_LIMIT_BURST=1000") // the tests poll fast
 	c.env = append(c.env, extraEnv...)
@@ -107,7 +129,11 @@ func startCoordinator(t *testing.T, dataDir string, extraEnv ...string) *coordin
 
 func (c *coordinator) start() {
 	c.t.Helper()
-	c.cmd = exec.Command(filepath.Join(binaries(c.t), "coordinator"), "serve")
+	bin := binaries(c.t)
+	if c.plain {
+		bin = plainBuild.get(c.t)
+	}
+	c.cmd = exec.Command(filepath.Join(bin, "coordinator"), "serve")
 	c.cmd.Env = c.env
 	c.cmd.Stdout, c.cmd.Stderr = c.logs, c.logs
 	if err := c.cmd.Start(); err != nil {
@@ -116,7 +142,12 @@ func (c *coordinator) start() {
 	c.exited = make(chan struct{})
 	go func() { _ = c.cmd.Wait(); close(c.exited) }()
 	c.t.Cleanup(c.kill)
-	eventually(c.t, 20*time.Second, "coordinator ready", func() bool {
+	eventually(c.t, 30*time.Second, "coordinator ready", func() bool {
+		select {
+		case <-c.exited:
+			c.t.Fatalf("coordinator exited while starting: %v\n%s", c.cmd.ProcessState, c.logs.String())
+		default:
+		}
 		res, err := http.Get(c.url + "/readyz")
 		if err != nil {
 			return false

@@ -136,7 +136,14 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 		Close() error
 	}
 	var clusterCfg *actors.ClusterConfig
+	var membership *actors.Membership
 	if cfg.Cluster == "etcd" {
+		clusterCfg = &actors.ClusterConfig{Name: cfg.ClusterName, EtcdEndpoints: cfg.EtcdEndpoints,
+			AdvertiseHost: cfg.ClusterAdvertiseHost, Port: cfg.ClusterPort}
+		// Joining comes first: see actors.Membership.
+		if membership, err = actors.Join(*clusterCfg, log); err != nil {
+			return err
+		}
 		// Members share one store in etcd; there is no crash clean-up of
 		// sessions here, as the others' sessions are open in it too: a
 		// node's stale session closes when it connects again.
@@ -148,8 +155,6 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 			return fmt.Errorf("open cluster store: %w", err)
 		}
 		store = es
-		clusterCfg = &actors.ClusterConfig{Name: cfg.ClusterName, EtcdEndpoints: cfg.EtcdEndpoints,
-			AdvertiseHost: cfg.ClusterAdvertiseHost, Port: cfg.ClusterPort}
 	} else {
 		bs, err := persistence.Open(filepath.Join(cfg.DataDir, "coordinator.db"))
 		if err != nil {
@@ -172,6 +177,7 @@ func serve(getenv func(string) string, stderr io.Writer) error {
 		HeartbeatMinInterval: cfg.HeartbeatMinInterval,
 		Logger:               log,
 		Cluster:              clusterCfg,
+		Membership:           membership,
 	})
 	if err != nil {
 		return err

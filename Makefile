@@ -16,6 +16,7 @@ run:
 build:
 	$(GO) build -o bin/coordinator ./cmd/coordinator
 	$(GO) build -o bin/agent ./cmd/agent
+	$(GO) build -o bin/fleetload ./cmd/fleetload
 
 ## fixtures: install the Node.js test fixtures (socket.io-client) if missing
 fixtures:
@@ -35,9 +36,12 @@ lint:
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 
-## bench: Go benchmarks
+## bench: Go benchmarks, then fleetload: 2000 agents for 20 s against a coordinator it starts (see BENCHMARKS.md)
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+	$(GO) build -o bin/coordinator ./cmd/coordinator
+	$(GO) build -o bin/fleetload ./cmd/fleetload
+	bin/fleetload -spawn -coordinator-bin bin/coordinator -agents 2000 -duration 20s
 
 ## proto: regenerate proto/*.pb.go with Debian's protoc (apt-get install protobuf-compiler) and the pinned plugin
 proto:

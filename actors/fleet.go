@@ -37,7 +37,8 @@ type Config struct {
 	// CheckpointInterval is how often last-seen times of online nodes are
 	// written to the store (30 s).
 	CheckpointInterval time.Duration
-	// OutboundQueue bounds the frames waiting to be written to one agent (64).
+	// OutboundQueue bounds the frames waiting to be written to one agent
+	// (16): acks and rental events, a handful at a time.
 	OutboundQueue int
 	// MaxBadFrames malformed frames are tolerated per connection (3); the
 	// next closes it with 1008.
@@ -67,7 +68,7 @@ func (c *Config) setDefaults() {
 	def(&c.CheckpointInterval, 30*time.Second)
 	def(&c.LostAfter, 2*time.Minute)
 	if c.OutboundQueue <= 0 {
-		c.OutboundQueue = 64
+		c.OutboundQueue = 16
 	}
 	if c.MaxBadFrames <= 0 {
 		c.MaxBadFrames = 3
@@ -420,7 +421,7 @@ func (f *fleetActor) accept(ctx actor.Context, a accept) {
 
 func (f *fleetActor) spawn(ctx actor.Context, a accept) {
 	props := actor.PropsFromProducer(func() actor.Actor {
-		return &nodeActor{cfg: f.cfg, node: a.node, keyHash: a.keyHash, conn: a.conn, registry: f.registry, cluster: f.sys.cluster}
+		return &nodeActor{cfg: f.cfg, node: a.node, keyHash: a.keyHash, conn: a.conn, registry: f.registry, view: f.view, cluster: f.sys.cluster}
 	})
 	pid, err := ctx.SpawnNamed(props, a.node.ID)
 	if err != nil {

@@ -43,20 +43,14 @@ type reportPresence struct{}
 // node actor to report.
 type rebuild struct{}
 
-// nodeUp, nodeSeen and nodeDown are what node actors tell the registry.
+// nodeUp and nodeDown are what node actors tell the registry; heartbeats
+// in between update the view directly.
 type nodeUp struct {
 	nodeID         string
 	pid            *actor.PID
 	connectedSince time.Time
 	lastSeen       time.Time
 	metrics        *fleet.Metrics
-}
-
-type nodeSeen struct {
-	nodeID  string
-	pid     *actor.PID
-	at      time.Time
-	metrics *fleet.Metrics
 }
 
 type nodeDown struct {

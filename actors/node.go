@@ -37,10 +37,12 @@ type nodeActor struct {
 	keyHash  []byte
 	conn     fleet.Conn
 	registry *actor.PID
+	view     *view
 	cluster  *cluster.Cluster // nil for a lone coordinator
 
 	out            chan fleet.Frame
 	closed         atomic.Bool // the reader stops forwarding once set
+	writing        atomic.Bool // a writer goroutine is draining out
 	closeCode      int
 	closeReason    string
 	connectedSince time.Time
@@ -106,7 +108,6 @@ func (n *nodeActor) start(ctx actor.Context) {
 		n.cfg.Logger.Warn("recording session start failed", "node_id", n.node.ID, "error", err)
 	}
 
-	go n.writeLoop(root, self)
 	go n.readLoop(root, self)
 	n.timer = time.AfterFunc(n.cfg.HeartbeatDeadline, func() { root.Send(self, deadlineTick{}) })
 	n.send(ctx, fleet.EventWelcome, nil, fleet.Welcome{
@@ -153,15 +154,29 @@ func (n *nodeActor) readLoop(root *actor.RootContext, self *actor.PID) {
 	}
 }
 
+// writeLoop drains the queue and exits when it is empty: a connection has a
+// writer goroutine (and its stack) only while it has something to write.
+// After a failed write, writing stays set so that no writer starts again.
 func (n *nodeActor) writeLoop(root *actor.RootContext, self *actor.PID) {
-	for f := range n.out {
-		if err := n.conn.WriteFrame(f); err != nil {
-			if !n.closed.Load() {
-				root.Send(self, writeFailed{err})
+	for {
+		select {
+		case f, ok := <-n.out:
+			if !ok {
+				return
 			}
-			for range n.out { // drain until the actor closes the queue
+			if err := n.conn.WriteFrame(f); err != nil {
+				if !n.closed.Load() {
+					root.Send(self, writeFailed{err})
+				}
+				return
 			}
-			return
+		default:
+			n.writing.Store(false)
+			// A frame queued between the empty check and the store would
+			// otherwise wait for the next one.
+			if len(n.out) == 0 || !n.writing.CompareAndSwap(false, true) {
+				return
+			}
 		}
 	}
 }
@@ -181,6 +196,10 @@ func (n *nodeActor) send(ctx actor.Context, event string, ack *uint64, data any)
 	case n.out <- fleet.Frame{Event: event, Data: raw, Ack: ack}:
 	default:
 		n.stop(ctx, fleet.ClosePolicyViolation, "outbound queue full", nil)
+		return
+	}
+	if n.writing.CompareAndSwap(false, true) {
+		go n.writeLoop(ctx.ActorSystem().Root, ctx.Self())
 	}
 }
 
@@ -212,7 +231,12 @@ func (n *nodeActor) handleFrame(ctx actor.Context, f fleet.Frame) {
 		if n.strikes > 0 {
 			n.strikes--
 		}
-		ctx.Send(n.registry, nodeSeen{nodeID: n.node.ID, pid: ctx.Self(), at: now, metrics: &m})
+		// The live view is updated in place: a message to the registry per
+		// heartbeat would put every heartbeat of the fleet through one
+		// mailbox. Transitions still go through the registry.
+		metrics := &m
+		n.view.update(n.node.ID, func(p *fleet.Presence) { p.LastSeenAt, p.Metrics = now, metrics })
+		n.timer.Reset(n.cfg.HeartbeatDeadline)
 	} else {
 		heartbeatsDropped.Inc()
 		if n.strikes++; n.strikes > n.cfg.MaxEarlyHeartbeats {

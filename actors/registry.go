@@ -49,11 +49,6 @@ func (r *registry) Receive(ctx actor.Context) {
 			ctx.Send(r.billing, nodeOnline{nodeID: m.nodeID, at: m.lastSeen})
 		}
 		connectedNodes.Set(float64(len(r.pids)))
-	case nodeSeen:
-		if r.pids[m.nodeID] != m.pid {
-			return // a replaced connection's late report
-		}
-		r.view.update(m.nodeID, func(p *fleet.Presence) { p.LastSeenAt, p.Metrics = m.at, m.metrics })
 	case nodeDown:
 		if pid, ok := r.pids[m.nodeID]; !ok || pid != m.pid {
 			return

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -139,7 +140,23 @@ func (c *wsConn) WriteFrame(f fleet.Frame) error {
 	if err := c.ws.SetWriteDeadline(time.Now().Add(c.writeTimeout)); err != nil {
 		return err
 	}
-	return c.ws.WriteJSON(f)
+	return c.ws.WriteMessage(websocket.TextMessage, appendFrame(make([]byte, 0, 64+len(f.Data)), f))
+}
+
+// appendFrame encodes f as encoding/json would, without its second pass
+// over Data: the fleet marshalled Data itself, so it is valid and compact.
+func appendFrame(b []byte, f fleet.Frame) []byte {
+	ev, _ := json.Marshal(f.Event)
+	b = append(append(append(b, `{"event":`...), ev...), `,"data":`...)
+	if len(f.Data) == 0 {
+		b = append(b, "null"...)
+	} else {
+		b = append(b, f.Data...)
+	}
+	if f.Ack != nil {
+		b = strconv.AppendUint(append(b, `,"ack":`...), *f.Ack, 10)
+	}
+	return append(b, '}')
 }
 
 func (c *wsConn) Close(code int, reason string) error {

@@ -3,6 +3,7 @@ package fleet
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -108,4 +109,24 @@ type Conn interface {
 	Close(code int, reason string) error
 	// RemoteAddr is the agent's address, for logs.
 	RemoteAddr() string
+}
+
+// RawConn is a Conn that can hand over a text frame undecoded, so that the
+// decoding runs where the frame is handled rather than on the goroutine
+// that waits on the socket (whose stack then stays small for as long as the
+// connection lives).
+type RawConn interface {
+	Conn
+	// ReadRaw returns the next text frame as received, within the frame
+	// size limit; errors as ReadFrame's.
+	ReadRaw() ([]byte, error)
+}
+
+// DecodeFrame decodes a native text frame.
+func DecodeFrame(b []byte) (Frame, error) {
+	var f Frame
+	if err := json.Unmarshal(b, &f); err != nil || f.Event == "" {
+		return Frame{}, fmt.Errorf("%w: not a JSON frame with an event", ErrBadFrame)
+	}
+	return f, nil
 }

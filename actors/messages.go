@@ -29,6 +29,9 @@ type kickAll struct{ code int }
 
 // inbound is a frame the reader goroutine read; readFailed ends the reader.
 type inbound struct{ frame fleet.Frame }
+
+// inboundRaw is a frame read but not yet decoded.
+type inboundRaw []byte
 type readFailed struct{ err error }
 type writeFailed struct{ err error }
 

@@ -60,6 +60,13 @@ func (n *nodeActor) Receive(ctx actor.Context) {
 		n.start(ctx)
 	case inbound:
 		n.handleFrame(ctx, m.frame)
+	case inboundRaw:
+		f, err := fleet.DecodeFrame(m)
+		if err != nil {
+			n.badFrame(ctx, err)
+			return
+		}
+		n.handleFrame(ctx, f)
 	case readFailed:
 		if errors.Is(m.err, fleet.ErrBadFrame) {
 			n.badFrame(ctx, m.err)
@@ -116,6 +123,9 @@ func (n *nodeActor) start(ctx actor.Context) {
 		HeartbeatMinIntervalMS: n.cfg.HeartbeatMinInterval.Milliseconds(),
 		ServerTime:             now.UTC(),
 	})
+	// The node is online in the view before its first heartbeat can be
+	// handled; the registry records the transition.
+	n.view.set(n.node.ID, fleet.Presence{Online: true, ConnectedSince: now, LastSeenAt: now, Member: n.cfg.Member})
 	ctx.Send(n.registry, nodeUp{nodeID: n.node.ID, pid: self, connectedSince: now, lastSeen: now})
 	// One connection per node in the whole cluster: the grain closes any
 	// other member's with 4009.
@@ -138,8 +148,19 @@ func (n *nodeActor) grain(msg any) {
 }
 
 func (n *nodeActor) readLoop(root *actor.RootContext, self *actor.PID) {
+	raw, _ := n.conn.(fleet.RawConn)
 	for {
-		f, err := n.conn.ReadFrame()
+		var msg any
+		var err error
+		if raw != nil {
+			var b []byte
+			b, err = raw.ReadRaw()
+			msg = inboundRaw(b)
+		} else {
+			var f fleet.Frame
+			f, err = n.conn.ReadFrame()
+			msg = inbound{f}
+		}
 		if n.closed.Load() {
 			return
 		}
@@ -150,7 +171,7 @@ func (n *nodeActor) readLoop(root *actor.RootContext, self *actor.PID) {
 			}
 			continue
 		}
-		root.Send(self, inbound{f})
+		root.Send(self, msg)
 	}
 }
 

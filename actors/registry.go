@@ -43,8 +43,13 @@ func (r *registry) Receive(ctx actor.Context) {
 	case nodeUp:
 		fresh := r.pids[m.nodeID] != m.pid
 		r.pids[m.nodeID] = m.pid
-		r.view.set(m.nodeID, fleet.Presence{Online: true, ConnectedSince: m.connectedSince,
-			LastSeenAt: m.lastSeen, Metrics: m.metrics, Member: r.cfg.Member})
+		// The node actor wrote its entry when it started and updates it on
+		// heartbeats; only a missing or offline entry (a rebuild, or a late
+		// nodeDown of the connection it replaced) is written here.
+		if p, ok := r.view.get(m.nodeID); !ok || !p.Online {
+			r.view.set(m.nodeID, fleet.Presence{Online: true, ConnectedSince: m.connectedSince,
+				LastSeenAt: m.lastSeen, Metrics: m.metrics, Member: r.cfg.Member})
+		}
 		if fresh { // billing resumes once the view shows the node online
 			ctx.Send(r.billing, nodeOnline{nodeID: m.nodeID, at: m.lastSeen})
 		}

@@ -115,25 +115,29 @@ type wsConn struct {
 }
 
 func (c *wsConn) ReadFrame() (fleet.Frame, error) {
-	typ, r, err := c.ws.NextReader()
+	data, err := c.ReadRaw()
 	if err != nil {
 		return fleet.Frame{}, err
 	}
+	return fleet.DecodeFrame(data)
+}
+
+func (c *wsConn) ReadRaw() ([]byte, error) {
+	typ, r, err := c.ws.NextReader()
+	if err != nil {
+		return nil, err
+	}
 	if typ != websocket.TextMessage {
-		return fleet.Frame{}, fmt.Errorf("%w: binary frame", fleet.ErrBadFrame)
+		return nil, fmt.Errorf("%w: binary frame", fleet.ErrBadFrame)
 	}
 	data, err := io.ReadAll(io.LimitReader(r, int64(c.maxFrame)+1))
 	if err != nil {
-		return fleet.Frame{}, err
+		return nil, err
 	}
 	if len(data) > c.maxFrame {
-		return fleet.Frame{}, fmt.Errorf("%w: frame over %d bytes", fleet.ErrBadFrame, c.maxFrame)
+		return nil, fmt.Errorf("%w: frame over %d bytes", fleet.ErrBadFrame, c.maxFrame)
 	}
-	var f fleet.Frame
-	if err := json.Unmarshal(data, &f); err != nil || f.Event == "" {
-		return fleet.Frame{}, fmt.Errorf("%w: not a JSON frame with an event", fleet.ErrBadFrame)
-	}
-	return f, nil
+	return data, nil
 }
 
 func (c *wsConn) WriteFrame(f fleet.Frame) error {

@@ -259,11 +259,11 @@ func (s *Server) healthz(c echo.Context) error {
 
 func (s *Server) readyz(c echo.Context) error {
 	if s.closing.Load() {
-		return c.JSON(http.StatusServiceUnavailable, envelope{Error: &errorBody{Code: "NOT_READY", Message: "Shutting down."}})
+		return c.JSON(http.StatusServiceUnavailable, envelope{Error: &errorBody{Code: "UNAVAILABLE", Message: "Shutting down."}})
 	}
 	if _, err := s.cfg.Nodes.Node(c.Request().Context(), "readyz-probe"); err != nil && fleet.ErrorCode(err) != fleet.ENOTFOUND {
 		s.log.Error("readiness probe failed", "error", err)
-		return c.JSON(http.StatusServiceUnavailable, envelope{Error: &errorBody{Code: "NOT_READY", Message: "Store unavailable."}})
+		return c.JSON(http.StatusServiceUnavailable, envelope{Error: &errorBody{Code: "UNAVAILABLE", Message: "Store unavailable."}})
 	}
 	return ok(c, http.StatusOK, map[string]string{"status": "ready"})
 }

@@ -36,12 +36,13 @@ lint:
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 
-## bench: Go benchmarks, then fleetload: 2000 agents for 20 s against a coordinator it starts (see BENCHMARKS.md)
+## bench: Go benchmarks, then fleetload: 2000 agents for 20 s against a coordinator it starts, and 3000 agents for 20 s on a cluster of 3 coordinators on an etcd it starts (see BENCHMARKS.md)
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 	$(GO) build -o bin/coordinator ./cmd/coordinator
 	$(GO) build -o bin/fleetload ./cmd/fleetload
 	bin/fleetload -spawn -coordinator-bin bin/coordinator -agents 2000 -duration 20s
+	@if command -v etcd >/dev/null; then bin/fleetload -spawn-cluster 3 -coordinator-bin bin/coordinator -agents 3000 -duration 20s; else echo "etcd not found (apt-get install etcd-server): cluster run skipped"; fi
 
 ## proto: regenerate proto/*.pb.go with Debian's protoc (apt-get install protobuf-compiler) and the pinned plugin
 proto:

@@ -108,6 +108,12 @@ func throttled(err error) (time.Duration, bool) {
 // register creates n nodes, at most inFlight requests at a time, and
 // returns their IDs and host API keys.
 func (c *api) register(ctx context.Context, n, inFlight int) ([]nodeKey, error) {
+	return registerVia(ctx, []*api{c}, n, inFlight)
+}
+
+// registerVia is register through several cluster members: node i through
+// member i mod len(via), which becomes its agent's first member (Home).
+func registerVia(ctx context.Context, via []*api, n, inFlight int) ([]nodeKey, error) {
 	keys := make([]nodeKey, n)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -133,6 +139,7 @@ func (c *api) register(ctx context.Context, n, inFlight int) ([]nodeKey, error) 
 					} `json:"node"`
 					APIKey string `json:"api_key"`
 				}
+				c := via[i%len(via)]
 				err := c.call(ctx, http.MethodPost, "/api/marketplace/nodes", body, &out)
 				// A coordinator with its default rate limit throttles one
 				// user's burst of registrations: wait as told.
@@ -144,7 +151,7 @@ func (c *api) register(ctx context.Context, n, inFlight int) ([]nodeKey, error) 
 					once.Do(func() { firstErr = fmt.Errorf("register node %d: %w", i, err); cancel() })
 					return
 				}
-				keys[i] = nodeKey{NodeID: out.Node.ID, Key: out.APIKey}
+				keys[i] = nodeKey{NodeID: out.Node.ID, Key: out.APIKey, Home: i % len(via)}
 			}
 		})
 	}
@@ -159,6 +166,20 @@ func (c *api) nodeStatus(ctx context.Context, id string) (string, error) {
 	}
 	err := c.call(ctx, http.MethodGet, "/api/marketplace/nodes/"+id, nil, &v)
 	return v.Status, err
+}
+
+// nodeConnection returns a node's public status and when its current
+// connection began (zero when it has none).
+func (c *api) nodeConnection(ctx context.Context, id string) (string, time.Time, error) {
+	var v struct {
+		Status         string     `json:"status"`
+		ConnectedSince *time.Time `json:"connected_since"`
+	}
+	err := c.call(ctx, http.MethodGet, "/api/marketplace/nodes/"+id, nil, &v)
+	if v.ConnectedSince == nil {
+		return v.Status, time.Time{}, err
+	}
+	return v.Status, *v.ConnectedSince, err
 }
 
 // onlineNodes returns the marketplace statistics' online count.
@@ -216,10 +237,11 @@ func (c *api) goRuntime(ctx context.Context) goStats {
 	return g
 }
 
-// waitReady polls /healthz until the coordinator answers or ctx ends.
-func (c *api) waitReady(ctx context.Context) error {
+// waitReady polls path (/healthz, or /readyz for a cluster member) until
+// the coordinator answers or ctx ends.
+func (c *api) waitReady(ctx context.Context, path string) error {
 	for {
-		if err := c.call(ctx, http.MethodGet, "/healthz", nil, nil); err == nil {
+		if err := c.call(ctx, http.MethodGet, path, nil, nil); err == nil {
 			return nil
 		}
 		select {
@@ -254,11 +276,11 @@ func devToken(ctx context.Context, bin, cmdline, user string, env []string) (str
 	return tok, nil
 }
 
-// spawned is a coordinator fleetload started itself, in dev mode with a
-// fresh data directory on a free port.
+// spawned is a process fleetload started itself: a coordinator in dev mode
+// with a fresh data directory on a free port, a cluster member, or etcd.
 type spawned struct {
 	cmd     *exec.Cmd
-	dir     string
+	dir     string // removed when it stops; empty when another owns it
 	env     []string
 	url     string
 	logPath string
@@ -279,6 +301,45 @@ func spawnEnv(dir string, port int) []string {
 	)
 }
 
+// freePort returns a loopback port that was free a moment ago.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// absBin resolves a relative binary path: the process runs in its own
+// directory.
+func absBin(bin string) (string, error) {
+	if strings.ContainsRune(bin, filepath.Separator) {
+		return filepath.Abs(bin)
+	}
+	return bin, nil
+}
+
+// startProcess starts bin with args in dir (its own directory, so that no
+// .env file of the caller's applies), its output to logPath. Should
+// fleetload die without stopping it, it stops too.
+func startProcess(bin string, args []string, dir string, env []string, logPath string) (*spawned, error) {
+	sp := &spawned{env: env, logPath: logPath, exited: make(chan struct{})}
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	sp.cmd = exec.Command(bin, args...)
+	sp.cmd.Dir, sp.cmd.Env, sp.cmd.Stdout, sp.cmd.Stderr = dir, env, logf, logf
+	sp.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	if err := sp.cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	go func() { _ = sp.cmd.Wait(); logf.Close(); close(sp.exited) }()
+	return sp, nil
+}
+
 func spawnCoordinator(ctx context.Context, bin string) (s *spawned, err error) {
 	dir, err := os.MkdirTemp("", "fleetload-")
 	if err != nil {
@@ -289,38 +350,21 @@ func spawnCoordinator(ctx context.Context, bin string) (s *spawned, err error) {
 			_ = os.RemoveAll(dir)
 		}
 	}()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	sp := &spawned{dir: dir, env: spawnEnv(dir, port), url: fmt.Sprintf("http://127.0.0.1:%d", port),
-		logPath: filepath.Join(dir, "coordinator.log"), exited: make(chan struct{})}
-	// The coordinator runs in its own directory, so a relative path must
-	// be resolved here.
-	if strings.ContainsRune(bin, filepath.Separator) {
-		if bin, err = filepath.Abs(bin); err != nil {
-			return nil, err
-		}
-	}
-	logf, err := os.Create(sp.logPath)
-	if err != nil {
+	if bin, err = absBin(bin); err != nil {
 		return nil, err
 	}
-	sp.cmd = exec.Command(bin, "serve")
-	// Its own directory, so that no .env file of the caller's applies.
-	sp.cmd.Dir, sp.cmd.Env, sp.cmd.Stdout, sp.cmd.Stderr = dir, sp.env, logf, logf
-	// Should fleetload die without stopping it, the coordinator stops too.
-	sp.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
-	if err := sp.cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("start coordinator %s: %w", bin, err)
+	sp, err := startProcess(bin, []string{"serve"}, dir, spawnEnv(dir, port), filepath.Join(dir, "coordinator.log"))
+	if err != nil {
+		return nil, fmt.Errorf("start coordinator: %w", err)
 	}
-	go func() { _ = sp.cmd.Wait(); logf.Close(); close(sp.exited) }()
+	sp.dir, sp.url = dir, fmt.Sprintf("http://127.0.0.1:%d", port)
 	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	if err := newAPI(sp.url, 1).waitReady(rctx); err != nil {
+	if err := newAPI(sp.url, 1).waitReady(rctx, "/healthz"); err != nil {
 		err = fmt.Errorf("%w (log: %s)", err, sp.tail())
 		sp.stop() // removes dir
 		return nil, err
@@ -328,7 +372,7 @@ func spawnCoordinator(ctx context.Context, bin string) (s *spawned, err error) {
 	return sp, nil
 }
 
-// tail is the end of the coordinator's log, for error messages.
+// tail is the end of the process's log, for error messages.
 func (s *spawned) tail() string {
 	b, _ := os.ReadFile(s.logPath)
 	if len(b) > 2000 {
@@ -337,7 +381,7 @@ func (s *spawned) tail() string {
 	return strings.TrimSpace(string(b))
 }
 
-// stop ends the coordinator (SIGTERM, then SIGKILL) and removes its data.
+// stop ends the process (SIGTERM, then SIGKILL) and removes its data.
 func (s *spawned) stop() {
 	_ = s.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -346,15 +390,17 @@ func (s *spawned) stop() {
 		_ = s.cmd.Process.Kill()
 		<-s.exited
 	}
-	_ = os.RemoveAll(s.dir)
+	if s.dir != "" {
+		_ = os.RemoveAll(s.dir)
+	}
 }
 
-// alive reports an error, with the end of its log, if the coordinator has
+// alive reports an error, with the end of its log, if the process has
 // exited.
 func (s *spawned) alive() error {
 	select {
 	case <-s.exited:
-		return fmt.Errorf("coordinator exited: %s", s.tail())
+		return fmt.Errorf("%s exited: %s", filepath.Base(s.cmd.Path), s.tail())
 	default:
 		return nil
 	}

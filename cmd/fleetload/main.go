@@ -4,6 +4,7 @@
 //
 //	fleetload -spawn -coordinator-bin bin/coordinator -agents 2000 -duration 20s
 //	fleetload -url http://127.0.0.1:3000 -coordinator-pid 1234 -agents 10000
+//	fleetload -spawn-cluster 3 -coordinator-bin bin/coordinator -agents 3000 -duration 20s
 //
 // It registers the nodes over REST, connects every agent, lets each
 // heartbeat at the agent's default interval (with a random initial phase)
@@ -11,6 +12,10 @@
 // time offline detection. Agents beyond -per-process are held by worker
 // processes (this binary re-executed), because every process has its own
 // open-file cap.
+//
+// With -spawn-cluster N it starts etcd and N coordinators as one cluster,
+// spreads the agents over them, measures every member, and kills one at the
+// end to time the fleet's failover (cluster.go).
 package main
 
 import (
@@ -49,6 +54,14 @@ type options struct {
 	connectInFlight  int
 	poll             time.Duration
 	worker           bool
+
+	// A cluster fleetload starts itself.
+	spawnCluster      int
+	etcdBin           string
+	killMember        int
+	killLost          int
+	consistencySample int
+	failoverTimeout   time.Duration
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -71,6 +84,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.registerInFlight, "register-concurrency", 32, "registrations in flight")
 	fs.IntVar(&o.connectInFlight, "connect-concurrency", 64, "agent handshakes in flight, over all processes")
 	fs.DurationVar(&o.poll, "poll", 10*time.Millisecond, "how often a stopped agent's status is polled")
+	fs.IntVar(&o.spawnCluster, "spawn-cluster", 0, "start a cluster of this many coordinators on a real etcd (started too) and spread the agents over them; see BENCHMARKS.md")
+	fs.StringVar(&o.etcdBin, "etcd-bin", "etcd", "etcd binary, for -spawn-cluster")
+	fs.IntVar(&o.killMember, "kill-member", 0, "with -spawn-cluster: the member SIGKILLed at the end to time the fleet's failover; -1 for none")
+	fs.IntVar(&o.killLost, "kill-lost", 10, "with -spawn-cluster: agents of the killed member stopped with it, never to return, to time how soon its nodes stop showing online")
+	fs.IntVar(&o.consistencySample, "consistency-sample", 60, "with -spawn-cluster: nodes whose status is read through every member")
+	fs.DurationVar(&o.failoverTimeout, "failover-timeout", 90*time.Second, "with -spawn-cluster: longest wait for the fleet to be online again after the kill")
 	fs.BoolVar(&o.worker, "worker", false, "") // internal: hold agents for a parent fleetload
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: fleetload [flags]")
@@ -84,6 +103,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	switch {
 	case fs.NArg() > 0:
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
@@ -103,6 +124,29 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, errors.New("-register-concurrency and -connect-concurrency must be at least 1")
 	case o.spawn && o.coordinatorPID != 0:
 		return nil, errors.New("-spawn and -coordinator-pid exclude each other")
+	case o.spawnCluster < 0:
+		return nil, errors.New("-spawn-cluster must not be negative")
+	case o.spawnCluster > 0 && (o.spawn || o.coordinatorPID != 0 || set["url"]):
+		return nil, errors.New("-spawn-cluster excludes -spawn, -coordinator-pid and -url")
+	case o.spawnCluster > 0 && set["stop-sample"]:
+		return nil, errors.New("-stop-sample is for one coordinator; with -spawn-cluster the member kill times detection (-kill-lost)")
+	case o.spawnCluster > 0 && (o.killMember < -1 || o.killMember >= o.spawnCluster):
+		return nil, errors.New("-kill-member must be -1 or a member index below -spawn-cluster")
+	case o.spawnCluster == 1 && set["kill-member"] && o.killMember >= 0:
+		return nil, errors.New("-kill-member needs at least two members: the fleet fails over to the others")
+	case o.spawnCluster > 0 && set["kill-lost"] && (o.killLost < 0 || o.killLost > o.agents/o.spawnCluster):
+		return nil, errors.New("-kill-lost must be between 0 and the agents of one member")
+	case o.consistencySample < 0 || o.failoverTimeout <= 0:
+		return nil, errors.New("-consistency-sample must not be negative and -failover-timeout must be positive")
+	}
+	if o.spawnCluster > 0 && !set["kill-lost"] {
+		o.killLost = min(o.killLost, o.agents/o.spawnCluster/2) // leave agents to move
+	}
+	if o.spawnCluster == 1 && !set["kill-member"] {
+		o.killMember = -1 // nowhere to fail over to
+	}
+	if o.spawnCluster > 0 {
+		o.stopSample = 0
 	}
 	return o, nil
 }
@@ -133,6 +177,15 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if o.spawnCluster > 0 {
+		cr, err := runCluster(ctx, o)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "fleetload:", err)
+			os.Exit(1)
+		}
+		cr.print(os.Stdout)
+		return
+	}
 	r, err := run(ctx, o)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fleetload:", err)
@@ -170,6 +223,7 @@ type report struct {
 	hist, inbound  *histogram
 	acked          uint64
 	rejected       uint64
+	perMember      windowResult // against a cluster: the window's figures by member
 
 	stopped     []detection
 	onlineAtEnd int
@@ -228,7 +282,7 @@ func run(ctx context.Context, o *options) (*report, error) {
 	}
 	r.goBase = c.goRuntime(ctx)
 
-	pools, err := startPools(o, base, keys)
+	pools, err := startPools(o, []string{wsURL(base)}, false, keys)
 	if err != nil {
 		return nil, err
 	}
@@ -236,7 +290,7 @@ func run(ctx context.Context, o *options) (*report, error) {
 	finished := false
 	defer func() {
 		if !finished {
-			_ = eachPool(pools, func(p pool) error { _, err := p.finish(); return err })
+			_ = eachPool(pools, func(p pool) error { _, err := p.finish(time.Time{}, -1); return err })
 		}
 	}()
 
@@ -262,7 +316,7 @@ func run(ctx context.Context, o *options) (*report, error) {
 	r.onlineAtEnd, r.onlineErr = c.onlineNodes(ctx)
 
 	finished = true
-	return r, r.finish(pools)
+	return r, r.finish(pools, time.Time{}, -1)
 }
 
 // connect connects every pool's agents at once and times it.
@@ -303,12 +357,7 @@ func (r *report) connect(o *options, pools []pool) error {
 // measure runs the measurement window: the coordinator's CPU and memory
 // at both ends, and the acks every pool saw in between.
 func (r *report) measure(ctx context.Context, o *options, pools []pool, smp *sampler) error {
-	genPIDs := []int{os.Getpid()}
-	for _, p := range pools {
-		if !slices.Contains(genPIDs, p.pid()) {
-			genPIDs = append(genPIDs, p.pid())
-		}
-	}
+	genPIDs := generatorPIDs(pools)
 	genFrom := processCPU(genPIDs)
 	if err := eachPool(pools, func(p pool) error { return p.open() }); err != nil {
 		return err
@@ -325,9 +374,17 @@ func (r *report) measure(ctx context.Context, o *options, pools []pool, smp *sam
 		return fmt.Errorf("reading the coordinator: %w", err)
 	}
 	r.steady, r.window = r.to, r.to.At.Sub(r.from.At)
+	err = r.closeWindow(pools)
+	r.genCPU = cpuSeconds(genFrom, processCPU(genPIDs), r.hz)
+	return err
+}
+
+// closeWindow ends the measurement window of every pool and merges what
+// they measured.
+func (r *report) closeWindow(pools []pool) error {
 	r.hist, r.inbound = newHistogram(), newHistogram()
 	var mu sync.Mutex
-	err = eachPool(pools, func(p pool) error {
+	return eachPool(pools, func(p pool) error {
 		w, err := p.close()
 		mu.Lock()
 		defer mu.Unlock()
@@ -335,24 +392,45 @@ func (r *report) measure(ctx context.Context, o *options, pools []pool, smp *sam
 		r.inbound.merge(w.Inbound.histogram())
 		r.acked += w.Acked
 		r.rejected += w.Rejected
+		r.perMember.mergeMembers(w.Members)
 		return err
 	})
-	r.genCPU = cpuSeconds(genFrom, processCPU(genPIDs), r.hz)
-	return err
 }
 
-// finish collects how every agent fared and disconnects them.
-func (r *report) finish(pools []pool) error {
+// generatorPIDs are the load generator's processes: this one and its
+// workers.
+func generatorPIDs(pools []pool) []int {
+	pids := []int{os.Getpid()}
+	for _, p := range pools {
+		if !slices.Contains(pids, p.pid()) {
+			pids = append(pids, p.pid())
+		}
+	}
+	return pids
+}
+
+// finish collects how every agent fared and disconnects them. Against a
+// cluster, since is when member killed was killed (zero and -1 if none
+// was).
+func (r *report) finish(pools []pool, since time.Time, killed int) error {
 	r.final.Unexpected = map[int]int{}
+	r.final.KilledEnds, r.final.OtherEnds = map[int]int{}, map[int]int{}
 	var mu sync.Mutex
 	return eachPool(pools, func(p pool) error {
-		f, err := p.finish()
+		f, err := p.finish(since, killed)
 		mu.Lock()
 		defer mu.Unlock()
 		r.final.Sent += f.Sent
 		r.final.UnackedOld += f.UnackedOld
+		r.final.Reconnects += f.Reconnects
 		for code, n := range f.Unexpected {
 			r.final.Unexpected[code] += n
+		}
+		for code, n := range f.KilledEnds {
+			r.final.KilledEnds[code] += n
+		}
+		for code, n := range f.OtherEnds {
+			r.final.OtherEnds[code] += n
 		}
 		for id, sc := range f.ServerClosed {
 			for i := range r.stopped {
@@ -365,18 +443,21 @@ func (r *report) finish(pools []pool) error {
 	})
 }
 
+func wsURL(base string) string { return "ws" + strings.TrimPrefix(base, "http") + "/fleet" }
+
 // startPools puts the agents in this process when they fit, else splits
-// them evenly over worker processes.
-func startPools(o *options, base string, keys []nodeKey) ([]pool, error) {
-	wsURL := "ws" + strings.TrimPrefix(base, "http") + "/fleet"
+// them evenly over worker processes. urls are the /fleet URLs of the
+// members (one without a cluster); each key names its first; reconnect
+// makes agents move on to the next member when a connection ends.
+func startPools(o *options, urls []string, reconnect bool, keys []nodeKey) ([]pool, error) {
 	n := (len(keys) + o.perProcess - 1) / o.perProcess
 	if n == 1 {
-		return []pool{newLocalPool(wsURL, o.interval, keys)}, nil
+		return []pool{newLocalPool(urls, reconnect, o.interval, keys)}, nil
 	}
 	var pools []pool
 	for i := range n {
 		part := keys[i*len(keys)/n : (i+1)*len(keys)/n]
-		w, err := startWorker(workerSetup{WSURL: wsURL, Interval: o.interval, Keys: part})
+		w, err := startWorker(workerSetup{WSURLs: urls, Reconnect: reconnect, Interval: o.interval, Keys: part})
 		if err != nil {
 			for _, p := range pools {
 				p.(*remotePool).kill()

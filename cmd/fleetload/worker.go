@@ -29,8 +29,13 @@ type pool interface {
 	// stop stops the named agents of this pool on purpose, each the way
 	// named (stopClose or stopSilent).
 	stop(modes map[string]string) ([]stopResult, error)
+	// status counts the pool's agents now: how many are connected, where,
+	// and how many reconnected after since.
+	status(since time.Time) (statusResult, error)
 	// finish reports how every agent fared, then disconnects them all.
-	finish() (finalResult, error)
+	// Against a cluster, connection ends after since (when member killed
+	// was killed) are counted apart from earlier ones.
+	finish(since time.Time, killed int) (finalResult, error)
 	// pid is the process holding the agents.
 	pid() int
 }
@@ -51,6 +56,42 @@ type windowResult struct {
 	Inbound  histogramJSON `json:"inbound"`
 	Acked    uint64        `json:"acked"`
 	Rejected uint64        `json:"rejected"`
+	// Members is per cluster member (by index); empty against one
+	// coordinator.
+	Members []memberWindow `json:"members,omitempty"`
+}
+
+type memberWindow struct {
+	Hist     histogramJSON `json:"hist"`
+	Acked    uint64        `json:"acked"`
+	BytesIn  uint64        `json:"bytes_in"`  // WebSocket payload read from the member
+	BytesOut uint64        `json:"bytes_out"` // WebSocket payload written to it
+}
+
+// mergeMembers adds o's figures to w's, member by member.
+func (w *windowResult) mergeMembers(o []memberWindow) {
+	for i, m := range o {
+		if i >= len(w.Members) {
+			w.Members = append(w.Members, memberWindow{})
+		}
+		d := &w.Members[i]
+		h := d.Hist.histogram()
+		h.merge(m.Hist.histogram())
+		d.Hist = h.wire()
+		d.Acked += m.Acked
+		d.BytesIn += m.BytesIn
+		d.BytesOut += m.BytesOut
+	}
+}
+
+type statusResult struct {
+	Up        int   `json:"up"`         // connected now
+	Down      int   `json:"down"`       // meant to run but not connected now
+	PerMember []int `json:"per_member"` // connected now, by member
+	// Reconnected counts agents whose last reconnection came after since;
+	// ReconnectAfter is how long after since it came, for each.
+	Reconnected    int           `json:"reconnected"`
+	ReconnectAfter histogramJSON `json:"reconnect_after"`
 }
 
 type stopResult struct {
@@ -71,6 +112,12 @@ type finalResult struct {
 	// ServerClosed is, for each agent stopped on purpose, how and when the
 	// server closed its connection, if it did.
 	ServerClosed map[string]serverClose `json:"server_closed"`
+	// Reconnecting agents (a cluster) only: connection ends after the
+	// member was killed, of connections to it and to the others, by close
+	// code, and the reconnections made all run long.
+	KilledEnds map[int]int `json:"killed_ends,omitempty"`
+	OtherEnds  map[int]int `json:"other_ends,omitempty"`
+	Reconnects int         `json:"reconnects,omitempty"`
 }
 
 type serverClose struct {
@@ -80,17 +127,19 @@ type serverClose struct {
 
 // localPool holds agents in this process.
 type localPool struct {
-	wsURL    string
-	interval time.Duration
-	keys     []nodeKey
-	rec      *recorder
+	urls      []string // the /fleet URL of each member (one without a cluster)
+	reconnect bool
+	interval  time.Duration
+	keys      []nodeKey
+	rec       *recorder
 
 	mu     sync.Mutex
 	agents map[string]*agent // connected agents by node ID
 }
 
-func newLocalPool(wsURL string, interval time.Duration, keys []nodeKey) *localPool {
-	return &localPool{wsURL: wsURL, interval: interval, keys: keys, rec: newRecorder(), agents: make(map[string]*agent)}
+func newLocalPool(urls []string, reconnect bool, interval time.Duration, keys []nodeKey) *localPool {
+	return &localPool{urls: urls, reconnect: reconnect, interval: interval, keys: keys,
+		rec: newRecorder(len(urls)), agents: make(map[string]*agent)}
 }
 
 func (p *localPool) pid() int { return os.Getpid() }
@@ -117,7 +166,7 @@ func (p *localPool) connect(concurrency int) (connectResult, error) {
 				if i >= len(p.keys) {
 					return
 				}
-				var a *agent
+				a := newAgent(p.keys[i], p.rec, d, p.urls, p.reconnect, p.interval)
 				var err error
 				var took time.Duration
 				for attempt := range connectAttempts {
@@ -128,7 +177,7 @@ func (p *localPool) connect(concurrency int) (connectResult, error) {
 						time.Sleep(time.Duration(attempt) * 500 * time.Millisecond)
 					}
 					t0 := time.Now()
-					if a, err = dial(d, p.wsURL, p.keys[i], p.rec, p.interval); err == nil {
+					if err = a.connect(p.keys[i].Home % len(p.urls)); err == nil {
 						took = time.Since(t0)
 						break
 					}
@@ -145,7 +194,7 @@ func (p *localPool) connect(concurrency int) (connectResult, error) {
 					latency.record(took)
 				}
 				mu.Unlock()
-				if a != nil {
+				if err == nil {
 					p.mu.Lock()
 					p.agents[a.NodeID] = a
 					p.mu.Unlock()
@@ -188,18 +237,65 @@ func (p *localPool) stop(modes map[string]string) ([]stopResult, error) {
 	return out, nil
 }
 
-func (p *localPool) finish() (finalResult, error) {
-	res := finalResult{Sent: p.rec.sent.Load(), Unexpected: map[int]int{}, ServerClosed: map[string]serverClose{}}
+func (p *localPool) all() []*agent {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	agents := make([]*agent, 0, len(p.agents))
 	for _, a := range p.agents {
 		agents = append(agents, a)
 	}
-	p.mu.Unlock()
+	return agents
+}
+
+func (p *localPool) status(since time.Time) (statusResult, error) {
+	res := statusResult{PerMember: make([]int, len(p.urls))}
+	after := newHistogram()
+	for _, a := range p.all() {
+		a.mu.Lock()
+		switch {
+		case a.up:
+			res.Up++
+			res.PerMember[a.member]++
+		case !a.stopping:
+			res.Down++
+		}
+		if !since.IsZero() && a.reconnectedAt.After(since) {
+			res.Reconnected++
+			after.record(a.reconnectedAt.Sub(since))
+		}
+		a.mu.Unlock()
+	}
+	res.ReconnectAfter = after.wire()
+	return res, nil
+}
+
+func (p *localPool) finish(since time.Time, killed int) (finalResult, error) {
+	res := finalResult{Sent: p.rec.sent.Load(), Unexpected: map[int]int{}, ServerClosed: map[string]serverClose{}}
+	if p.reconnect {
+		res.KilledEnds, res.OtherEnds = map[int]int{}, map[int]int{}
+	}
+	agents := p.all()
 	old := time.Now().Add(-time.Second)
 	for _, a := range agents {
-		if code, ok := a.unexpectedClose(); ok {
-			res.Unexpected[code]++
+		if !p.reconnect {
+			if code, ok := a.unexpectedClose(); ok {
+				res.Unexpected[code]++
+			}
+		} else {
+			a.mu.Lock()
+			for _, e := range a.ends {
+				switch {
+				case e.Stopping:
+				case since.IsZero() || e.At.Before(since):
+					res.Unexpected[e.Code]++
+				case e.Member == killed:
+					res.KilledEnds[e.Code]++
+				default:
+					res.OtherEnds[e.Code]++
+				}
+			}
+			res.Reconnects += a.reconnects
+			a.mu.Unlock()
 		}
 		a.mu.Lock()
 		for _, sent := range a.pending {
@@ -230,15 +326,18 @@ func (p *localPool) finish() (finalResult, error) {
 // worker answers each request with one response on its stdout. Its stderr
 // is the parent's.
 type workerSetup struct {
-	WSURL    string        `json:"ws_url"`
-	Interval time.Duration `json:"interval"`
-	Keys     []nodeKey     `json:"keys"`
+	WSURLs    []string      `json:"ws_urls"`
+	Reconnect bool          `json:"reconnect,omitempty"`
+	Interval  time.Duration `json:"interval"`
+	Keys      []nodeKey     `json:"keys"`
 }
 
 type request struct {
-	Op          string            `json:"op"` // connect, open, close, stop, finish
+	Op          string            `json:"op"` // connect, open, close, stop, status, finish
 	Concurrency int               `json:"concurrency,omitempty"`
 	Stop        map[string]string `json:"stop,omitempty"`
+	Since       time.Time         `json:"since,omitzero"`
+	Killed      int               `json:"killed,omitempty"`
 }
 
 type response struct {
@@ -246,6 +345,7 @@ type response struct {
 	Connect *connectResult `json:"connect,omitempty"`
 	Window  *windowResult  `json:"window,omitempty"`
 	Stopped []stopResult   `json:"stopped,omitempty"`
+	Status  *statusResult  `json:"status,omitempty"`
 	Final   *finalResult   `json:"final,omitempty"`
 }
 
@@ -256,7 +356,7 @@ func runWorker(in io.Reader, out io.Writer) error {
 	if err := dec.Decode(&setup); err != nil {
 		return fmt.Errorf("worker setup: %w", err)
 	}
-	p := newLocalPool(setup.WSURL, setup.Interval, setup.Keys)
+	p := newLocalPool(setup.WSURLs, setup.Reconnect, setup.Interval, setup.Keys)
 	for {
 		var req request
 		if err := dec.Decode(&req); err != nil {
@@ -280,9 +380,13 @@ func runWorker(in io.Reader, out io.Writer) error {
 			resp.Window = &r
 		case "stop":
 			resp.Stopped, err = p.stop(req.Stop)
+		case "status":
+			var r statusResult
+			r, err = p.status(req.Since)
+			resp.Status = &r
 		case "finish":
 			var r finalResult
-			r, err = p.finish()
+			r, err = p.finish(req.Since, req.Killed)
 			resp.Final = &r
 		default:
 			err = fmt.Errorf("unknown op %q", req.Op)
@@ -375,8 +479,16 @@ func (w *remotePool) stop(modes map[string]string) ([]stopResult, error) {
 	return resp.Stopped, err
 }
 
-func (w *remotePool) finish() (finalResult, error) {
-	resp, err := w.do(request{Op: "finish"})
+func (w *remotePool) status(since time.Time) (statusResult, error) {
+	resp, err := w.do(request{Op: "status", Since: since})
+	if err != nil || resp.Status == nil {
+		return statusResult{}, errors.Join(err, errors.New("no status"))
+	}
+	return *resp.Status, nil
+}
+
+func (w *remotePool) finish(since time.Time, killed int) (finalResult, error) {
+	resp, err := w.do(request{Op: "finish", Since: since, Killed: killed})
 	_ = w.stdin.Close()
 	done := make(chan error, 1)
 	go func() { done <- w.cmd.Wait() }()

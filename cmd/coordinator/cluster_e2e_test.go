@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gorilla/websocket"
 )
 
 // etcdServer is a real etcd (Debian's etcd-server) that a test can stop and
@@ -295,4 +297,44 @@ func TestClusterGracefulLeave(t *testing.T) {
 		return strings.Contains(logs, "1001") && strings.Count(logs, "msg=connected") >= 2
 	})
 	eventually(t, 5*time.Second, "online through B", func() bool { return b.node(reg.Node.ID).Status == "online" })
+}
+
+// One connection per node in the whole cluster: a second connection on
+// another member replaces the first, which is closed with 4009.
+func TestClusterSecondConnectionElsewhereReplacesFirst(t *testing.T) {
+	etcd := startEtcd(t)
+	dataDir := t.TempDir()
+	a, b := startMember(t, etcd, dataDir), startMember(t, etcd, dataDir)
+	var reg registered
+	if code := a.call("POST", "/api/marketplace/nodes", a.token("user_host"), rigBody, &reg); code != 201 {
+		t.Fatalf("register: %d", code)
+	}
+	dial := func(c *coordinator) *websocket.Conn {
+		ws, _, err := websocket.DefaultDialer.Dial(wsURL(c), http.Header{"Authorization": {"Bearer " + reg.APIKey}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ws.Close() })
+		var welcome map[string]any
+		if err := ws.ReadJSON(&welcome); err != nil || welcome["event"] != "welcome" {
+			t.Fatalf("welcome: %v %v", welcome, err)
+		}
+		return ws
+	}
+	first := dial(a)
+	dial(b)
+	_ = first.SetReadDeadline(time.Now().Add(15 * time.Second))
+	for {
+		_, _, err := first.ReadMessage()
+		if err == nil {
+			continue
+		}
+		if !websocket.IsCloseError(err, 4009) {
+			t.Fatalf("first connection ended with %v, want close 4009", err)
+		}
+		break
+	}
+	eventually(t, 5*time.Second, "online through both members", func() bool {
+		return a.node(reg.Node.ID).Status == "online" && b.node(reg.Node.ID).Status == "online"
+	})
 }

@@ -468,9 +468,12 @@ func (b *billing) online(ctx actor.Context, m nodeOnline) {
 			b.cfg.Logger.Info("rental resumed", "rental_id", r.ID)
 		}
 		b.arm(ctx, r, m.at)
-		// A frame sent before the drop may never have arrived: every new
-		// connection of a rented node hears rental.started again.
-		r.NotifiedStart = false
+		// A frame sent before the drop may never have arrived: a new
+		// connection of a node rented before it hears rental.started again.
+		// A rental started since the connection began was told on it already.
+		if r.StartedAt.Before(m.at) {
+			r.NotifiedStart = false
+		}
 		b.notify(ctx, r)
 	}
 	b.notifyEnded(ctx, m.nodeID)

@@ -15,29 +15,38 @@ func (s *session) serveHandshake(w http.ResponseWriter) {
 	}
 }
 
-// servePoll answers a polling GET with what is queued, waiting until
-// something is.
-func (s *session) servePoll(w http.ResponseWriter, r *http.Request) {
+// begin marks a polling request in flight (inFlight is s.polling for GETs,
+// s.posting for POSTs), or answers the Engine.IO error and returns false.
+// As the reference server does, a second request of a kind already in
+// flight is a broken client: it is refused and the session dropped.
+func (s *session) begin(w http.ResponseWriter, inFlight *bool) bool {
+	code := -1
 	s.mu.Lock()
 	switch {
 	case s.closed:
-		s.mu.Unlock()
-		writeEngineError(w, errUnknownSID, "")
-		return
+		code = errUnknownSID
 	case s.transport != transportPolling:
-		s.mu.Unlock()
-		writeEngineError(w, errBadRequest, "")
-		return
-	case s.polling:
-		// As the reference server: a second GET in flight is a broken
-		// client; refuse it and drop the session.
+		code = errBadRequest
+	case *inFlight:
 		s.destroyLocked(errOverlap)
-		s.mu.Unlock()
-		writeEngineError(w, errBadRequest, "")
+		code = errBadRequest
+	default:
+		*inFlight = true
+	}
+	s.mu.Unlock()
+	if code >= 0 {
+		writeEngineError(w, code, "")
+		return false
+	}
+	return true
+}
+
+// servePoll answers a polling GET with what is queued, waiting until
+// something is.
+func (s *session) servePoll(w http.ResponseWriter, r *http.Request) {
+	if !s.begin(w, &s.polling) {
 		return
 	}
-	s.polling = true
-	s.mu.Unlock()
 	held := true // this GET is the one in flight
 	defer func() {
 		if held {
@@ -93,24 +102,9 @@ func (s *session) servePoll(w http.ResponseWriter, r *http.Request) {
 
 // servePost reads a polling POST body and handles its packets.
 func (s *session) servePost(w http.ResponseWriter, r *http.Request) {
-	s.mu.Lock()
-	switch {
-	case s.closed:
-		s.mu.Unlock()
-		writeEngineError(w, errUnknownSID, "")
-		return
-	case s.transport != transportPolling:
-		s.mu.Unlock()
-		writeEngineError(w, errBadRequest, "")
-		return
-	case s.posting:
-		s.destroyLocked(errOverlap)
-		s.mu.Unlock()
-		writeEngineError(w, errBadRequest, "")
+	if !s.begin(w, &s.posting) {
 		return
 	}
-	s.posting = true
-	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
 		s.posting = false

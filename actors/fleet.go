@@ -260,14 +260,6 @@ func (s *System) DeleteNode(ctx context.Context, userID, nodeID string) error {
 	return err
 }
 
-// Rented reports whether the node has a live rental.
-func (s *System) Rented(nodeID string) bool {
-	if _, ok := s.rented.Load(nodeID); ok {
-		return true
-	}
-	return s.Presence(nodeID).Rented
-}
-
 func (s *System) ask(ctx context.Context, msg any) (billingResult, error) {
 	timeout := 15 * time.Second
 	if d, ok := ctx.Deadline(); ok {

@@ -20,7 +20,6 @@ type Billing interface {
 	StartRental(ctx context.Context, renterID, nodeID string, maxHours *float64, idemKey string, bodyHash []byte) (*fleet.Rental, bool, error)
 	StopRental(ctx context.Context, userID, rentalID string) (*fleet.Rental, error)
 	DeleteNode(ctx context.Context, userID, nodeID string) error
-	Rented(nodeID string) bool
 }
 
 // MaxIdempotencyKeyLen bounds the Idempotency-Key header.

@@ -45,7 +45,7 @@ func (s *Server) view(n *fleet.Node, p fleet.Presence, private bool) *nodeView {
 	}
 	if p.Online {
 		v.Status = fleet.StatusOnline
-		if s.cfg.Billing != nil && s.cfg.Billing.Rented(n.ID) {
+		if p.Rented {
 			v.Status = fleet.StatusRented
 		}
 		v.LastSeenAt, v.ConnectedSince, v.Metrics = utc(p.LastSeenAt), utc(p.ConnectedSince), p.Metrics

@@ -29,7 +29,8 @@ type envConfig struct {
 	fleet   fleethttp.Fleet
 	logs    io.Writer
 	// actors, when set, runs the real actor system with these settings.
-	actors *actors.Config
+	actors  *actors.Config
+	origins []string
 }
 
 // testEnv is the real Echo server on a real bbolt file, with the real Clerk
@@ -83,10 +84,11 @@ func newTestEnv(t *testing.T, opts ...func(*envConfig)) *testEnv {
 			Keys:              fleethttp.NewClerkKeys(f.URL+"/v1", "sk_test_secret", log),
 			Leeway:            5 * time.Second,
 		},
-		Logger:         log,
-		RateLimitRPS:   c.rps,
-		RateLimitBurst: c.burst,
-		MaxBodyBytes:   c.maxBody,
+		Logger:             log,
+		RateLimitRPS:       c.rps,
+		RateLimitBurst:     c.burst,
+		MaxBodyBytes:       c.maxBody,
+		CORSAllowedOrigins: c.origins,
 	})
 	ts := httptest.NewServer(srv.Echo())
 	t.Cleanup(ts.Close)

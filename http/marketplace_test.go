@@ -491,3 +491,33 @@ func TestOpenAPIDescribesEveryRoute(t *testing.T) {
 		}
 	}
 }
+
+// No origin is allowed unless configured; a configured one gets its
+// preflight answered.
+func TestCORS(t *testing.T) {
+	preflight := func(env *testEnv) *http.Response {
+		req, _ := http.NewRequest(http.MethodOptions, env.srv.URL+"/api/marketplace/nodes", nil)
+		req.Header.Set("Origin", "https://app.example.com")
+		req.Header.Set("Access-Control-Request-Method", "POST")
+		req.Header.Set("Access-Control-Request-Headers", "authorization,idempotency-key")
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res
+	}
+	if res := preflight(newTestEnv(t)); res.Header.Get("Access-Control-Allow-Origin") != "" {
+		t.Fatalf("an unconfigured origin was allowed: %v", res.Header)
+	}
+	env := newTestEnv(t, func(c *envConfig) { c.origins = []string{"https://app.example.com"} })
+	res := preflight(env)
+	if res.Header.Get("Access-Control-Allow-Origin") != "https://app.example.com" ||
+		!strings.Contains(strings.ToLower(res.Header.Get("Access-Control-Allow-Headers")), "idempotency-key") {
+		t.Fatalf("preflight of a configured origin: %d %v", res.StatusCode, res.Header)
+	}
+	r := env.do(t, "GET", "/api/marketplace/nodes", "", nil)
+	if r.status != 200 {
+		t.Fatal(r.status)
+	}
+}

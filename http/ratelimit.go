@@ -72,10 +72,10 @@ func (l *limiter) middleware(keyOf func(echo.Context) string) echo.MiddlewareFun
 	}
 }
 
-// failureGate limits what failures cost: a key (a client IP) whose bucket
-// is empty is refused before any work; each failure takes a token. Callers
-// that succeed spend nothing, so users behind one address are not held
-// back by each other.
+// blocked limits what failures cost: a key (a client IP) whose bucket is
+// empty is refused before any work, and each failure (fail) takes a token.
+// Successful calls spend nothing, so an address is held back only while it
+// keeps sending bad tokens, and then for every caller behind it.
 func (l *limiter) blocked(c echo.Context, key string) error {
 	b := l.bucket(key)
 	now := time.Now()

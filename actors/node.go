@@ -235,10 +235,18 @@ func (n *nodeActor) handleFrame(ctx actor.Context, f fleet.Frame) {
 	heartbeatsReceived.Inc()
 	now := n.cfg.Now()
 	// Spacing first: a flood is dropped without the cost of decoding it.
-	accepted := n.lastAccepted.IsZero() || now.Sub(n.lastAccepted) >= n.cfg.HeartbeatMinInterval
-	var m fleet.Metrics
-	if accepted && len(f.Data) > 0 && !bytes.Equal(f.Data, []byte("null")) {
-		if err := json.Unmarshal(f.Data, &m); err != nil {
+	if !n.lastAccepted.IsZero() && now.Sub(n.lastAccepted) < n.cfg.HeartbeatMinInterval {
+		heartbeatsDropped.Inc()
+		if n.strikes++; n.strikes > n.cfg.MaxEarlyHeartbeats {
+			n.stop(ctx, fleet.ClosePolicyViolation, "heartbeat flooding", nil)
+			return
+		}
+		n.ack(ctx, f.Ack, now, false)
+		return
+	}
+	m := &fleet.Metrics{}
+	if len(f.Data) > 0 && !bytes.Equal(f.Data, []byte("null")) {
+		if err := json.Unmarshal(f.Data, m); err != nil {
 			n.badFrame(ctx, err)
 			return
 		}
@@ -247,26 +255,22 @@ func (n *nodeActor) handleFrame(ctx actor.Context, f fleet.Frame) {
 			return
 		}
 	}
-	if accepted {
-		n.lastAccepted, n.lastSeen, n.metrics = now, now, &m
-		if n.strikes > 0 {
-			n.strikes--
-		}
-		// The live view is updated in place: a message to the registry per
-		// heartbeat would put every heartbeat of the fleet through one
-		// mailbox. Transitions still go through the registry.
-		metrics := &m
-		n.view.update(n.node.ID, func(p *fleet.Presence) { p.LastSeenAt, p.Metrics = now, metrics })
-		n.timer.Reset(n.cfg.HeartbeatDeadline)
-	} else {
-		heartbeatsDropped.Inc()
-		if n.strikes++; n.strikes > n.cfg.MaxEarlyHeartbeats {
-			n.stop(ctx, fleet.ClosePolicyViolation, "heartbeat flooding", nil)
-			return
-		}
+	n.lastAccepted, n.lastSeen, n.metrics = now, now, m
+	if n.strikes > 0 {
+		n.strikes--
 	}
-	if f.Ack != nil {
-		n.send(ctx, fleet.EventAck, f.Ack, fleet.HeartbeatAck{ReceivedAt: now.UTC(), Accepted: accepted})
+	// The live view is updated in place: a message to the registry per
+	// heartbeat would put every heartbeat of the fleet through one mailbox.
+	// Transitions still go through the registry.
+	n.view.seen(n.node.ID, now, m)
+	n.timer.Reset(n.cfg.HeartbeatDeadline)
+	n.ack(ctx, f.Ack, now, true)
+}
+
+// ack answers a heartbeat that asked for it.
+func (n *nodeActor) ack(ctx actor.Context, id *uint64, now time.Time, accepted bool) {
+	if id != nil {
+		n.send(ctx, fleet.EventAck, id, fleet.HeartbeatAck{ReceivedAt: now.UTC(), Accepted: accepted})
 	}
 }
 

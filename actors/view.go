@@ -3,6 +3,7 @@ package actors
 import (
 	"hash/maphash"
 	"sync"
+	"time"
 
 	"github.com/distributedcompute/fleet"
 )
@@ -49,12 +50,12 @@ func (v *view) set(id string, p fleet.Presence) {
 	s.mu.Unlock()
 }
 
-// update changes an existing entry in place under one lock.
-func (v *view) update(id string, fn func(*fleet.Presence)) {
+// seen records a heartbeat on an existing entry, under one lock.
+func (v *view) seen(id string, at time.Time, m *fleet.Metrics) {
 	s := v.shard(id)
 	s.mu.Lock()
 	if p, ok := s.nodes[id]; ok {
-		fn(&p)
+		p.LastSeenAt, p.Metrics = at, m
 		s.nodes[id] = p
 	}
 	s.mu.Unlock()
